@@ -1,0 +1,59 @@
+"""fused-losses: blockwise pairwise losses (InfoNCE/CLIP/SupCon/SigLIP, multi-similarity,
+Sinkhorn OT) that never materialize the N×M similarity matrix on the fused backends.
+
+Every op takes ``backend="auto" | "reference" | "triton" | "cuda" | "cpu"``; see
+``available_backends()`` for what this installation can run.
+"""
+
+from . import backends as _backends  # noqa: F401,E402  (registers the compiled/Triton backends)
+from . import reference as _reference  # noqa: F401  (registers the reference backend)
+from ._dispatch import available_backends, get_backend, registered_backends
+from .functional import (
+    clip_loss,
+    info_nce,
+    multi_similarity,
+    nt_xent,
+    pairwise_logsumexp,
+    pairwise_softmax_matmul,
+    siglip_loss,
+    similarity_topk,
+    sup_con,
+)
+from .modules import (
+    ClipLoss,
+    InfoNCELoss,
+    MultiSimilarityLoss,
+    NTXentLoss,
+    SigLipLoss,
+    SinkhornLoss,
+    SupConLoss,
+)
+from .ot import sinkhorn, sinkhorn_knopp, sinkhorn_potentials, transport_apply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "get_backend",
+    "registered_backends",
+    "pairwise_logsumexp",
+    "pairwise_softmax_matmul",
+    "similarity_topk",
+    "info_nce",
+    "clip_loss",
+    "nt_xent",
+    "sup_con",
+    "siglip_loss",
+    "multi_similarity",
+    "sinkhorn",
+    "sinkhorn_potentials",
+    "transport_apply",
+    "sinkhorn_knopp",
+    "InfoNCELoss",
+    "ClipLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "SigLipLoss",
+    "MultiSimilarityLoss",
+    "SinkhornLoss",
+]

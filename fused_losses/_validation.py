@@ -1,0 +1,170 @@
+"""Argument checks shared by every public op (SPEC §6).
+
+They run before dispatch, so no backend ever sees a malformed call.  Each error names the
+argument.  Shape/dtype/device problems raise ``ValueError`` or ``TypeError``; they never reach
+a kernel.  Non-finite values *inside* feature tensors are not checked (that would cost a device
+sync per call): they propagate as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_features(name: str, t: Any, ndim: int | tuple[int, ...] = 2) -> torch.Tensor:
+    """A floating-point feature tensor of the given rank(s), with at least one row."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        want = " or ".join(str(d) for d in dims)
+        raise ValueError(f"{name} must have rank {want}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has unsupported dtype {t.dtype}; expected one of float16, bfloat16, "
+            "float32, float64"
+        )
+    if t.shape[-2] < 1:
+        raise ValueError(f"{name} must have at least one row, got shape {tuple(t.shape)}")
+    if t.shape[-1] < 1:
+        raise ValueError(
+            f"{name} must have at least one feature column, got shape {tuple(t.shape)}"
+        )
+    return t
+
+
+def check_same_dim(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"feature dimension mismatch: {a_name} has D={a.shape[-1]}, "
+            f"{b_name} has D={b.shape[-1]}"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.device != first.device:
+            raise ValueError(
+                f"{k} is on {v.device} but {first_name} is on {first.device}; "
+                "all inputs must be on one device"
+            )
+
+
+def check_same_dtype(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    for k, v in items[1:]:
+        if v.dtype != items[0][1].dtype:
+            raise TypeError(
+                f"{k} has dtype {v.dtype} but {items[0][0]} has dtype {items[0][1].dtype}; "
+                "feature tensors must share one dtype"
+            )
+
+
+def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """A finite positive float, int, or one-element floating tensor (which may require grad)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a 0-dim tensor, got bool")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a scalar (one element), got shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        v = float(value.detach())
+    elif isinstance(value, (int, float)):
+        v = float(value)
+    else:
+        raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {v}")
+
+
+def check_finite_scalar(name: str, value: Any) -> None:
+    """A finite float, int, or one-element floating tensor (any sign)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a 0-dim tensor, got bool")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a scalar (one element), got shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        v = float(value.detach())
+    elif isinstance(value, (int, float)):
+        v = float(value)
+    else:
+        raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+
+
+def check_scalar_device(name: str, value: Any, device: torch.device) -> None:
+    if isinstance(value, torch.Tensor) and value.device != device and value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+
+
+def check_labels(name: str, labels: Any, n: int, device: torch.device) -> torch.Tensor:
+    """Integer class labels, one per row."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of integer labels, got {type(labels).__name__}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"{name} has length {labels.shape[0]} but must have one label per row ({n})"
+        )
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    return labels
+
+
+def check_weights(name: str, w: Any, shape: tuple[int, ...], ref: torch.Tensor) -> torch.Tensor:
+    """Non-negative point weights of the given shape (finiteness/sign are the caller's business)."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {w.dtype}")
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(w.shape)}")
+    if w.device != ref.device:
+        raise ValueError(f"{name} is on {w.device} but the points are on {ref.device}")
+    return w
+
+
+def check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

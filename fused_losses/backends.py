@@ -1,0 +1,10 @@
+"""Registers the optional backends.  Each lives in its own module and registers itself on
+import; a backend whose dependency is missing registers with an ``availability`` reason instead
+of failing the package import."""
+
+from __future__ import annotations
+
+import importlib
+
+for _module in ():  # filled as backends land, e.g. "fused_losses.triton_backend"
+    importlib.import_module(_module)

@@ -1,0 +1,269 @@
+"""The fused layer: every op, once, as autograd Functions over the kernel contract.
+
+A fused backend is ``register_fused_backend(name, ..., kernels)`` where ``kernels`` implements
+``kernels.py``'s contract.  The losses' algebra (validity of anchors, means over positives,
+symmetric halves, chain rule to temperature/bias/extra negatives) lives here and nowhere else;
+the kernels do the O(N·M) streaming.  Forward saves only O(N + M) vectors (LSEs, counts); the
+backward recomputes similarity tiles (flash-attention style).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._dispatch import Backend, register_backend
+from .kernels import PairMask, acc_dtype
+
+NEG_INF = float("-inf")
+
+
+def _scale_tensor(scale, acc, device) -> torch.Tensor:
+    if isinstance(scale, torch.Tensor):
+        return scale.reshape(()).to(device=device, dtype=acc)
+    return torch.tensor(float(scale), dtype=acc, device=device)
+
+
+def _finite_or_zero(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An empty line's LSE is -inf; the kernels want finite LSEs (that line's g is 0)."""
+    if t is None:
+        return None
+    return t.masked_fill(t == NEG_INF, 0.0)
+
+
+def _anchor_loss(lse, pos_sum, pos_cnt):
+    """LSE over candidates − mean over positives; invalid (loss 0) without positive/candidate.
+    A NaN LSE (NaN features) stays valid and propagates."""
+    valid = (pos_cnt > 0) & (lse != NEG_INF)
+    loss = torch.where(valid, lse - pos_sum / pos_cnt.clamp_min(1), torch.zeros_like(lse))
+    return loss, valid
+
+
+class _InfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels, mask, want_cols, x, y, scale):
+        row_lse, rps, rpc, col_lse, cps, cpc = kernels.contrastive_fwd(
+            x, y, scale, None, mask, want_cols)
+        row_loss, row_valid = _anchor_loss(row_lse, rps, rpc)
+        if want_cols:
+            col_loss, col_valid = _anchor_loss(col_lse, cps, cpc)
+        else:
+            col_loss, col_lse, cpc = (row_loss.new_empty(0) for _ in range(3))
+            col_valid = row_valid.new_empty(0)
+        ctx.kernels, ctx.mask, ctx.want_cols = kernels, mask, want_cols
+        ctx.save_for_backward(x, y, scale, _finite_or_zero(row_lse), rpc, row_valid,
+                              _finite_or_zero(col_lse), cpc, col_valid)
+        ctx.mark_non_differentiable(row_valid, col_valid)
+        return row_loss, row_valid, col_loss, col_valid
+
+    @staticmethod
+    def backward(ctx, g_row_loss, _g_rv, g_col_loss, _g_cv):
+        x, y, scale, row_lse, rpc, row_valid, col_lse, cpc, col_valid = ctx.saved_tensors
+        g_row = torch.where(row_valid, g_row_loss, torch.zeros_like(g_row_loss))
+        g_rowpos = g_row / rpc.clamp_min(1)
+        if ctx.want_cols:
+            g_col = torch.where(col_valid, g_col_loss, torch.zeros_like(g_col_loss))
+            g_colpos = g_col / cpc.clamp_min(1)
+        else:
+            col_lse = g_col = g_colpos = None
+        dx, dy, dscale, _ = ctx.kernels.contrastive_bwd(
+            x, y, scale, None, ctx.mask, row_lse, g_row, g_rowpos, col_lse, g_col, g_colpos)
+        return (None, None, None, dx.to(x.dtype), dy.to(y.dtype),
+                dscale if ctx.needs_input_grad[5] else None)
+
+
+def _info_nce(kernels):
+    def info_nce(query, key, scale, labels, key_labels, symmetric, decoupled, extra_negatives,
+                 exclude_diagonal, offset):
+        acc = acc_dtype(query.dtype)
+        n_keys = key.shape[0]
+        y = key if extra_negatives is None else torch.cat([key, extra_negatives], dim=0)
+        mask = PairMask(n_keys=n_keys, labels=labels, key_labels=key_labels, offset=offset,
+                        exclude_diagonal=exclude_diagonal, decoupled=decoupled)
+        row_loss, row_valid, col_loss, col_valid = _InfoNCE.apply(
+            kernels, mask, symmetric, query.contiguous(), y.contiguous(),
+            _scale_tensor(scale, acc, query.device))
+        if not symmetric:
+            return row_loss, row_valid, None, None
+        return row_loss, row_valid, col_loss, col_valid
+
+    return info_nce
+
+
+class _RowLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels, mask, x, y, scale, bias):
+        lse, *_ = kernels.contrastive_fwd(x, y, scale, bias, mask, False)
+        ctx.kernels, ctx.mask, ctx.has_bias = kernels, mask, bias is not None
+        ctx.save_for_backward(x, y, scale, bias, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, scale, bias, lse = ctx.saved_tensors
+        empty = lse == NEG_INF
+        g = g.masked_fill(empty, 0.0)
+        dx, dy, dscale, dbias = ctx.kernels.contrastive_bwd(
+            x, y, scale, bias, ctx.mask, lse.masked_fill(empty, 0.0), g, torch.zeros_like(g),
+            None, None, None)
+        return (None, None, dx.to(x.dtype), dy.to(y.dtype),
+                dscale if ctx.needs_input_grad[4] else None,
+                dbias if ctx.has_bias and ctx.needs_input_grad[5] else None)
+
+
+def _pairwise_logsumexp(kernels):
+    def pairwise_logsumexp(x, y, scale, bias, exclude_diagonal):
+        acc = acc_dtype(x.dtype)
+        mask = PairMask(n_keys=y.shape[0], exclude_diagonal=exclude_diagonal, no_positives=True)
+        b = None if bias is None else bias.to(acc)
+        return _RowLSE.apply(kernels, mask, x.contiguous(), y.contiguous(),
+                             _scale_tensor(scale, acc, x.device), b)
+
+    return pairwise_logsumexp
+
+
+class _SigLip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels, offset, x, y, scale, bias):
+        ctx.kernels, ctx.offset = kernels, offset
+        ctx.save_for_backward(x, y, scale, bias)
+        return kernels.siglip_fwd(x, y, scale, bias, offset)
+
+    @staticmethod
+    def backward(ctx, g_row):
+        x, y, scale, bias = ctx.saved_tensors
+        dx, dy, dscale, dbias = ctx.kernels.siglip_bwd(x, y, scale, bias, ctx.offset, g_row)
+        return (None, None, dx.to(x.dtype), dy.to(y.dtype),
+                dscale if ctx.needs_input_grad[4] else None,
+                dbias if ctx.needs_input_grad[5] else None)
+
+
+def _siglip(kernels):
+    def siglip(x, y, logit_scale, logit_bias, offset):
+        acc = acc_dtype(x.dtype)
+        return _SigLip.apply(kernels, offset, x.contiguous(), y.contiguous(),
+                             _scale_tensor(logit_scale, acc, x.device),
+                             _scale_tensor(logit_bias, acc, x.device))
+
+    return siglip
+
+
+class _MultiSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels, labels, ref_labels, offset, exclude_self, alpha, beta, base,
+                epsilon, x, y):
+        if epsilon is None:
+            min_pos = max_neg = None
+        else:
+            min_pos, max_neg = kernels.ms_mine(x, y, labels, ref_labels, offset, exclude_self)
+        args = (labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon, min_pos,
+                max_neg)
+        pos_lse, neg_lse = kernels.ms_fwd(x, y, *args)
+        ctx.kernels, ctx.args = kernels, args
+        ctx.save_for_backward(x, y, pos_lse, neg_lse)
+        return pos_lse / alpha + neg_lse / beta
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, pos_lse, neg_lse = ctx.saved_tensors
+        dx, dy = ctx.kernels.ms_bwd(x, y, *ctx.args, pos_lse, neg_lse, g.contiguous())
+        return (None,) * 9 + (dx.to(x.dtype), dy.to(y.dtype))
+
+
+def _multi_similarity(kernels):
+    def multi_similarity(emb, labels, ref_emb, ref_labels, alpha, beta, base, epsilon,
+                         exclude_self, offset):
+        x = emb.contiguous()
+        y = x if ref_emb is emb else ref_emb.contiguous()
+        return _MultiSimilarity.apply(kernels, labels, ref_labels, offset, exclude_self, alpha,
+                                      beta, base, epsilon, x, y)
+
+    return multi_similarity
+
+
+class _SoftmaxMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels, x, y, v, scale, bias):
+        out, lse = kernels.softmax_matmul_fwd(x, y, v, scale, bias)
+        ctx.kernels, ctx.has_bias = kernels, bias is not None
+        ctx.save_for_backward(x, y, v, scale, bias, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, y, v, scale, bias, out, lse = ctx.saved_tensors
+        dx, dy, dv, dscale, dbias = ctx.kernels.softmax_matmul_bwd(
+            x, y, v, scale, bias, out, lse, g_out.contiguous())
+        return (None, dx.to(x.dtype), dy.to(y.dtype), dv.to(v.dtype),
+                dscale if ctx.needs_input_grad[4] else None,
+                dbias if ctx.has_bias and ctx.needs_input_grad[5] else None)
+
+
+def _pairwise_softmax_matmul(kernels):
+    def pairwise_softmax_matmul(x, y, v, scale, bias):
+        acc = acc_dtype(x.dtype)
+        b = None if bias is None else bias.to(acc)
+        return _SoftmaxMatmul.apply(kernels, x.contiguous(), y.contiguous(), v.contiguous(),
+                                    _scale_tensor(scale, acc, x.device), b)
+
+    return pairwise_softmax_matmul
+
+
+class _GatheredDots(torch.autograd.Function):
+    """values_ik = <x_i, y_{idx_ik}> given by the kernel; backward scatters through idx."""
+
+    @staticmethod
+    def forward(ctx, values, idx, x, y):
+        ctx.save_for_backward(idx, x, y)
+        return values
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, x, y = ctx.saved_tensors
+        acc = g.dtype
+        dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+        dy = torch.zeros(y.shape, dtype=acc, device=y.device)
+        chunk = max(1, (1 << 22) // max(1, idx.shape[1] * x.shape[1]))  # bound N·k·D temporaries
+        for a in range(0, x.shape[0], chunk):
+            b = min(a + chunk, x.shape[0])
+            gi, ii = g[a:b], idx[a:b]
+            dx[a:b] = torch.einsum("nk,nkd->nd", gi, y[ii].to(acc))
+            dy.index_add_(0, ii.reshape(-1),
+                          (gi[:, :, None] * x[a:b, None, :].to(acc)).reshape(-1, x.shape[1]))
+        return None, None, dx.to(x.dtype), dy.to(y.dtype)
+
+
+def _similarity_topk(kernels):
+    def similarity_topk(x, y, k, exclude_diagonal):
+        values, idx = kernels.topk(x.contiguous(), y.contiguous(), k, exclude_diagonal)
+        if x.requires_grad or y.requires_grad:
+            values = _GatheredDots.apply(values, idx, x, y)
+        return values, idx
+
+    return similarity_topk
+
+
+OP_BUILDERS: dict[str, Callable] = {
+    "info_nce": _info_nce,
+    "pairwise_logsumexp": _pairwise_logsumexp,
+    "siglip": _siglip,
+    "multi_similarity": _multi_similarity,
+    "pairwise_softmax_matmul": _pairwise_softmax_matmul,
+    "similarity_topk": _similarity_topk,
+}
+
+
+def make_fused_ops(kernels, ops: list[str] | None = None) -> dict[str, Callable]:
+    """The op table of a fused backend whose kernels implement the contract (all ops, or the
+    named subset while a backend is partial)."""
+    names = list(OP_BUILDERS) if ops is None else ops
+    return {name: OP_BUILDERS[name](kernels) for name in names}
+
+
+def register_fused_backend(name: str, priority: int, devices, dtypes, kernels,
+                           availability=lambda: None, ops: list[str] | None = None) -> Backend:
+    backend = Backend(name=name, priority=priority, devices=frozenset(devices),
+                      dtypes=frozenset(dtypes), availability=availability)
+    backend.ops.update(make_fused_ops(kernels, ops))
+    return register_backend(backend)

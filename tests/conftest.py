@@ -1,0 +1,47 @@
+"""Backend-parametrized harness.
+
+Any test that takes a ``backend`` argument runs once per backend that is registered and available
+on this machine (see ``helpers.backends_under_test``); a test that takes ``device`` gets the device
+that backend runs on.  Adding a backend therefore adds its tests with no test edits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The Triton backend runs on CPU tensors only under the interpreter; it must be set before
+# triton is imported anywhere.
+if os.environ.get("FUSED_LOSSES_NO_INTERPRET") is None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:  # pragma: no cover
+        pass
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import backends_under_test, device_for  # noqa: E402
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends_under_test())
+
+
+@pytest.fixture
+def device(backend):
+    return device_for(backend)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32_by_default():
+    # SPEC §7: fp32 tolerance 1e-5 holds when tf32 is off; tests that want tf32 turn it on.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

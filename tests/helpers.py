@@ -1,0 +1,128 @@
+"""Shared test helpers: tolerances (SPEC §7), float64 oracles, devices per backend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import fused_losses
+from fused_losses import _dispatch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# SPEC §7: relative error ||out - ref|| / ||ref|| against the float64 reference.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+TOL_TF32 = 3e-3
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a backend is exercised: the GPU when there is one, else the CPU (the triton
+    backend then runs under TRITON_INTERPRET=1)."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend == "cuda":
+        return torch.device("cuda")
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def backends_under_test() -> list[str]:
+    """Every registered backend that can run here. Backends that are not available are not
+    silently dropped: tests/test_dispatch.py asserts why each one is missing."""
+    names = []
+    for name in _dispatch.registered_backends():
+        b = _dispatch.get_backend(name)
+        if b.availability() is None and device_for(name).type in b.devices:
+            names.append(name)
+    return names
+
+
+def supports(backend: str, op: str) -> bool:
+    return op in _dispatch.get_backend(backend).ops
+
+
+def tol_for(dtype: torch.dtype) -> float:
+    if dtype == torch.float32 and HAS_CUDA and torch.backends.cuda.matmul.allow_tf32:
+        return TOL_TF32
+    return TOL[dtype]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert not torch.isnan(out).any(), "NaN in output"
+    num = torch.linalg.vector_norm(out - ref)
+    den = torch.linalg.vector_norm(ref)
+    if den == 0:
+        return float(num)
+    return float(num / den)
+
+
+def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def seeded(seed: int | None = None) -> torch.Generator:
+    """A CPU generator with a fresh seed per call (SPEC: fresh random inputs); messages report
+    ``gen.initial_seed()``.  Set FUSED_LOSSES_TEST_SEED to reproduce a failure."""
+    if seed is None:
+        env = os.environ.get("FUSED_LOSSES_TEST_SEED")
+        seed = int(env) if env else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", gen=None, requires_grad=False, scale=1.0):
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+    t = t.to(dtype=dtype, device=device)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def leaf64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy of ``t`` that is a fresh autograd leaf when ``t`` requires grad."""
+    return t.detach().to(torch.float64).cpu().requires_grad_(t.requires_grad)
+
+
+__all__ = ["fused_losses"]
+
+
+# Awkward shapes (SPEC: N=1, 2, 17, 1000; D=1, 3, 100, 769; N != M).  (N, M, D)
+SHAPES = [(1, 1, 1), (2, 2, 3), (17, 17, 100), (17, 40, 3), (2, 5, 769), (40, 17, 1)]
+# Large shapes are skipped for the Triton interpreter (≈400× slower than eager; NOTES.md).
+LARGE_SHAPES = [(1000, 1000, 100), (1000, 1037, 769)]
+
+
+def shapes_for(backend: str, large: bool = True):
+    interpreted = backend == "triton" and not HAS_CUDA
+    return SHAPES + ([] if (interpreted or not large) else LARGE_SHAPES)
+
+
+def dtypes_for(backend: str):
+    """Input dtypes a backend is tested with here. bf16 Triton dots are wrong under the
+    interpreter (NOTES.md, triton #11584), so bf16 runs for triton only on a GPU."""
+    b = _dispatch.get_backend(backend)
+    out = [
+        d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64) if d in b.dtypes
+    ]
+    if backend == "triton" and not HAS_CUDA:
+        out = [d for d in out if d != torch.bfloat16]
+    return out
+
+
+def lowp_tol(out_lowp_err: float) -> float:
+    """bf16/fp16: ≤ 2e-2 and no worse than 2× the reference run in the same precision."""
+    return max(2.0 * out_lowp_err, 1e-6)
+
+
+def cases(backend: str):
+    """(shape, dtype) pairs: every awkward small shape in every dtype; the large shapes in the
+    dtypes that matter at size (fp32 and, on a GPU, bf16) to keep CPU runs short."""
+    out = [(shape, dt) for shape in SHAPES for dt in dtypes_for(backend)]
+    large_dtypes = [torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
+    for shape in shapes_for(backend):
+        if shape not in SHAPES:
+            out += [(shape, dt) for dt in large_dtypes if dt in dtypes_for(backend)]
+    return out

@@ -1,0 +1,376 @@
+"""Every backend against the float64 reference: forward and every gradient (SPEC §7).
+
+Parametrized by conftest over the available backends; the reference itself is checked here for
+precision (fp32/low precision vs fp64) and against independent formulas in test_oracles.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    assert_rel,
+    cases,
+    dtypes_for,
+    leaf64,
+    randn,
+    rel_err,
+    seeded,
+    shapes_for,
+    supports,
+    tol_for,
+)
+
+import fused_losses as FL
+
+
+def _grad_of(out, inputs, g):
+    """Gradients of <out, g> wrt the inputs that require grad (zeros where unused)."""
+    inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(
+        out, inputs, g.to(device=out.device, dtype=out.dtype), allow_unused=True, retain_graph=True
+    )
+    return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
+
+
+def _to(t, device, dtype):
+    """Move a test input: features to ``dtype``; 0-dim hyperparameters stay at least fp32 (a
+    temperature rounded to fp16 would change the problem, not test the kernel)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if not t.is_floating_point():
+        return t.to(device)
+    want = dtype
+    if t.dim() == 0 and dtype in (torch.float16, torch.bfloat16):
+        want = torch.float32
+    return t.detach().to(device=device, dtype=want).requires_grad_(t.requires_grad)
+
+
+def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None):
+    """Run ``fn(backend, *tensors)`` on ``backend`` (inputs in ``dtype`` on ``device``) and the
+    reference in float64 on the same (rounded) inputs; compare the outputs and the gradient of
+    every input that requires grad.
+
+    Bound (SPEC §7, with the flash-attention rule applied to every non-fp64 dtype): the SPEC
+    tolerance, or 2× the error of the reference run eagerly in the same dtype where that is
+    larger (cancellation-prone outputs such as near-zero losses or the temperature gradient,
+    which no fp32/bf16 computation gets to 1e-5/2e-2)."""
+    ins = [_to(t, device, dtype) for t in tensors]
+    # The oracle sees the inputs exactly as the kernel does (already rounded to ``dtype``), so
+    # the comparison measures the computation, not the input quantization.
+    ins64 = [
+        leaf64(t)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+        else (t.cpu() if isinstance(t, torch.Tensor) else t)
+        for t in ins
+    ]
+    out = fn(backend, *ins)
+    ref = fn("reference", *ins64)
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    tol = tol if tol is not None else tol_for(dtype)
+    eager = dtype != torch.float64 and backend != "reference"
+    if eager:
+        ins_eager = [_to(t, device, dtype) for t in tensors]
+        ref_eager = fn("reference", *ins_eager)
+        ref_eagers = ref_eager if isinstance(ref_eager, tuple) else (ref_eager,)
+
+    def bound_for(eager_err):
+        return max(tol, 2 * eager_err)
+
+    for k, (o, r) in enumerate(zip(outs, refs)):
+        if not o.is_floating_point():
+            continue
+        err = rel_err(o, r)
+        bound = bound_for(rel_err(ref_eagers[k], r) if eager else 0.0)
+        if backend == "reference" and dtype != torch.float64:
+            continue  # the reference against itself in low precision: finiteness only
+        assert err <= bound, f"{what} output {k}: rel err {err:.2e} > {bound:.1e}"
+    if not outs[0].requires_grad:
+        return
+    g = torch.randn(outs[0].shape, dtype=torch.float64)
+    grads = _grad_of(outs[0], ins, g)
+    grads64 = _grad_of(refs[0], ins64, g)
+    grads_eager = _grad_of(ref_eagers[0], ins_eager, g) if eager else None
+    for k, (gr, g64) in enumerate(zip(grads, grads64)):
+        err = rel_err(gr, g64)
+        if backend == "reference" and dtype != torch.float64:
+            continue
+        bound = bound_for(rel_err(grads_eager[k], g64) if eager else 0.0)
+        assert err <= bound, f"{what} grad {k}: rel err {err:.2e} > {bound:.1e}"
+
+
+def _labels(n, classes, gen):
+    return torch.randint(0, classes, (n,), generator=gen)
+
+
+INFO_NCE_VARIANTS = [
+    dict(),
+    dict(symmetric=True),
+    dict(decoupled=True),
+    dict(labels=True),
+    dict(labels=True, exclude_diagonal=True),
+    dict(labels=True, exclude_diagonal=True, decoupled=True),
+    dict(labels=True, symmetric=True),
+    dict(extra_negatives=7),
+    dict(extra_negatives=3, symmetric=True, decoupled=True),
+    dict(normalize=False, temperature=1.0),
+]
+
+
+@pytest.mark.parametrize("variant", range(len(INFO_NCE_VARIANTS)))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_info_nce(backend, device, variant, reduction):
+    if not supports(backend, "info_nce"):
+        pytest.skip(f"{backend} does not implement info_nce")
+    opts = dict(INFO_NCE_VARIANTS[variant])
+    gen = seeded()
+    for (n, m, d), dtype in cases(backend):
+        if opts.get("exclude_diagonal") or (opts.get("labels") and not opts.get("key_labels")):
+            m = n
+        if m < n:
+            m = n
+        if opts.get("symmetric") and reduction == "none":
+            m = n
+        q = randn(n, d, gen=gen, requires_grad=True)
+        k = randn(m, d, gen=gen, requires_grad=True)
+        temp = torch.tensor(opts.get("temperature", 0.1), dtype=torch.float64, requires_grad=True)
+        extra = (
+            randn(opts["extra_negatives"], d, gen=gen, requires_grad=True)
+            if opts.get("extra_negatives")
+            else None
+        )
+        labels = _labels(n, 3, gen) if opts.get("labels") else None
+        kw = {
+            k2: v
+            for k2, v in opts.items()
+            if k2 not in ("labels", "extra_negatives", "temperature")
+        }
+        if d == 1:
+            kw["normalize"] = False  # normalized 1-D features are ±1: zero gradient
+
+        def fn(b, q, k, t, e, lab, kw=kw):
+            return FL.info_nce(
+                q,
+                k,
+                temperature=t,
+                labels=lab,
+                extra_negatives=e,
+                reduction=reduction,
+                backend=b,
+                **kw,
+            )
+
+        check_against_reference(
+            backend,
+            device,
+            dtype,
+            fn,
+            [q, k, temp, extra, labels],
+            f"info_nce {opts} {reduction} N={n} M={m} D={d} {dtype} seed={gen.initial_seed()}",
+        )
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 0.05, 1e3])
+def test_info_nce_extreme_temperature(backend, device, temperature):
+    if not supports(backend, "info_nce"):
+        pytest.skip(f"{backend} does not implement info_nce")
+    gen = seeded()
+    for dtype in dtypes_for(backend):
+        q = randn(17, 33, gen=gen, requires_grad=True)
+        k = randn(17, 33, gen=gen, requires_grad=True)
+
+        def fn(b, q, k):
+            return FL.clip_loss(q, k, 1.0 / temperature, backend=b)
+
+        check_against_reference(
+            backend,
+            device,
+            dtype,
+            fn,
+            [q, k],
+            f"clip t={temperature} {dtype} seed={gen.initial_seed()}",
+        )
+
+
+def test_info_nce_unnormalized_large_logits(backend, device):
+    """|z| up to 1e4 without overflow: no fixed max of 1/τ may be assumed."""
+    if not supports(backend, "info_nce"):
+        pytest.skip(f"{backend} does not implement info_nce")
+    gen = seeded()
+    q = randn(9, 16, gen=gen, scale=25.0, requires_grad=True)
+    k = randn(11, 16, gen=gen, scale=25.0, requires_grad=True)
+
+    def fn(b, q, k):
+        return FL.info_nce(q, k, temperature=1.0, normalize=False, symmetric=False, backend=b)
+
+    check_against_reference(
+        backend, device, torch.float32, fn, [q, k], f"large logits seed={gen.initial_seed()}"
+    )
+
+
+def test_info_nce_no_positives(backend, device):
+    """Anchors whose label has no match are excluded; all-excluded gives 0, not NaN."""
+    if not supports(backend, "info_nce"):
+        pytest.skip(f"{backend} does not implement info_nce")
+    gen = seeded()
+    q = randn(6, 8, gen=gen, requires_grad=True, device=device)
+    labels = torch.arange(6, device=device)  # every class appears once: no positive anywhere
+    out = FL.sup_con(q, labels, backend=backend)
+    assert out.item() == 0.0
+    (g,) = torch.autograd.grad(out, q)
+    assert torch.all(g == 0)
+    per = FL.sup_con(q, labels, backend=backend, reduction="none")
+    assert torch.all(per == 0)
+
+
+def test_nt_xent_sup_con_siglip(backend, device):
+    gen = seeded()
+    for (n, _, d), dtype in cases(backend):
+        z1 = randn(n, d, gen=gen, requires_grad=True)
+        z2 = randn(n, d, gen=gen, requires_grad=True)
+        lab = torch.randint(0, 4, (n,), generator=gen)
+        if supports(backend, "info_nce"):
+            check_against_reference(
+                backend,
+                device,
+                dtype,
+                lambda b, a, c: FL.nt_xent(a, c, temperature=0.3, normalize=d > 1, backend=b),
+                [z1, z2],
+                f"nt_xent N={n} D={d} {dtype}",
+            )
+            check_against_reference(
+                backend,
+                device,
+                dtype,
+                lambda b, a, lb: FL.sup_con(a, lb, temperature=0.2, normalize=d > 1, backend=b),
+                [z1, lab],
+                f"sup_con N={n} D={d} {dtype}",
+            )
+        if supports(backend, "siglip"):
+            scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+            bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+            check_against_reference(
+                backend,
+                device,
+                dtype,
+                lambda b, a, c, s, t: FL.siglip_loss(a, c, s, t, normalize=d > 1, backend=b),
+                [z1, z2, scale, bias],
+                f"siglip N={n} D={d} {dtype}",
+            )
+
+
+@pytest.mark.parametrize("epsilon", [0.1, None])
+def test_multi_similarity(backend, device, epsilon):
+    if not supports(backend, "multi_similarity"):
+        pytest.skip(f"{backend} does not implement multi_similarity")
+    gen = seeded()
+    for (n, m, d), dtype in cases(backend):
+        e = randn(n, d, gen=gen, requires_grad=True)
+        lab = torch.randint(0, 3, (n,), generator=gen)
+        check_against_reference(
+            backend,
+            device,
+            dtype,
+            lambda b, x, lb: FL.multi_similarity(
+                x, lb, epsilon=epsilon, normalize=d > 1, backend=b
+            ),
+            [e, lab],
+            f"ms self N={n} D={d} {dtype}",
+        )
+        r = randn(m, d, gen=gen, requires_grad=True)
+        rlab = torch.randint(0, 3, (m,), generator=gen)
+        check_against_reference(
+            backend,
+            device,
+            dtype,
+            lambda b, x, lb, y, rl: FL.multi_similarity(
+                x,
+                lb,
+                ref_embeddings=y,
+                ref_labels=rl,
+                epsilon=epsilon,
+                beta=50.0,
+                normalize=d > 1,
+                reduction="none",
+                backend=b,
+            ),
+            [e, lab, r, rlab],
+            f"ms ref N={n} M={m} D={d} {dtype}",
+        )
+
+
+@pytest.mark.parametrize("exclude_diagonal", [False, True])
+@pytest.mark.parametrize("dim", [1, 0])
+def test_pairwise_logsumexp(backend, device, exclude_diagonal, dim):
+    if not supports(backend, "pairwise_logsumexp"):
+        pytest.skip(f"{backend} does not implement pairwise_logsumexp")
+    gen = seeded()
+    for (n, m, d), dtype in cases(backend):
+        if exclude_diagonal:
+            m = n
+            if n == 1:
+                continue  # the only entry is excluded: -inf, checked in test_oracles
+        # Rows of norm ≈ 1 keep logits O(scale); huge logits are test_..._large_logits' job.
+        x = randn(n, d, gen=gen, requires_grad=True, scale=d**-0.5)
+        y = randn(m, d, gen=gen, requires_grad=True, scale=d**-0.5)
+        bias = randn(m if dim == 1 else n, gen=gen, requires_grad=True)
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        check_against_reference(
+            backend,
+            device,
+            dtype,
+            lambda b, x, y, s, bi: FL.pairwise_logsumexp(
+                x, y, scale=s, bias=bi, exclude_diagonal=exclude_diagonal, dim=dim, backend=b
+            ),
+            [x, y, scale, bias],
+            f"plse N={n} M={m} D={d} {dtype} seed={gen.initial_seed()}",
+        )
+
+
+def test_pairwise_softmax_matmul(backend, device):
+    if not supports(backend, "pairwise_softmax_matmul"):
+        pytest.skip(f"{backend} does not implement pairwise_softmax_matmul")
+    gen = seeded()
+    for (n, m, d), dtype in cases(backend):
+        x = randn(n, d, gen=gen, requires_grad=True, scale=d**-0.5)
+        y = randn(m, d, gen=gen, requires_grad=True, scale=d**-0.5)
+        v = randn(m, 5, gen=gen, requires_grad=True)
+        bias = randn(m, gen=gen, requires_grad=True)
+        check_against_reference(
+            backend,
+            device,
+            dtype,
+            lambda b, x, y, v, bi: FL.pairwise_softmax_matmul(
+                x, y, v, scale=2.0, bias=bi, backend=b
+            ),
+            [x, y, v, bias],
+            f"psm N={n} M={m} D={d} {dtype}",
+        )
+
+
+@pytest.mark.parametrize("exclude_diagonal", [False, True])
+def test_similarity_topk(backend, device, exclude_diagonal):
+    if not supports(backend, "similarity_topk"):
+        pytest.skip(f"{backend} does not implement similarity_topk")
+    gen = seeded()
+    for n, m, d in shapes_for(backend):
+        if exclude_diagonal:
+            m = n
+        kmax = m - (1 if exclude_diagonal else 0)
+        if kmax < 1:
+            continue
+        x = randn(n, d, gen=gen, device=device)
+        y = randn(m, d, gen=gen, device=device)
+        for k in sorted({1, min(3, kmax), kmax}):
+            vals, idx = FL.similarity_topk(
+                x, y, k, exclude_diagonal=exclude_diagonal, backend=backend
+            )
+            s = (x.double() @ y.double().T).cpu()
+            if exclude_diagonal:
+                s.fill_diagonal_(float("-inf"))
+            ref = torch.sort(s, dim=1, descending=True, stable=True)
+            assert_rel(vals, ref.values[:, :k], 1e-5, f"topk values N={n} M={m} k={k}")
+            # Indices must select the values (ties among near-equal floats may differ).
+            picked = s.gather(1, idx.cpu())
+            assert_rel(picked, ref.values[:, :k], 1e-5, f"topk indices N={n} M={m} k={k}")
