@@ -6,5 +6,5 @@ from __future__ import annotations
 
 import importlib
 
-for _module in ():  # filled as backends land, e.g. "fused_losses.triton_backend"
+for _module in ("fused_losses.cpu_backend",):
     importlib.import_module(_module)

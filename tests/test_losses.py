@@ -78,6 +78,13 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
     def bound_for(eager_err):
         return max(tol, 2 * eager_err)
 
+    # fp64 has no lower-precision eager run to compare with; an absolute floor of 1e-12 absorbs
+    # pure cancellation (a loss of e^-30 from logits of 30) while an fp32 slip (~1e-6) still fails.
+    atol = 1e-12 if dtype == torch.float64 else 0.0
+
+    def abs_err(a, b):
+        return float(torch.linalg.vector_norm(a.detach().double().cpu() - b.detach().double().cpu()))
+
     for k, (o, r) in enumerate(zip(outs, refs)):
         if not o.is_floating_point():
             continue
@@ -85,7 +92,8 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
         bound = bound_for(rel_err(ref_eagers[k], r) if eager else 0.0)
         if backend == "reference" and dtype != torch.float64:
             continue  # the reference against itself in low precision: finiteness only
-        assert err <= bound, f"{what} output {k}: rel err {err:.2e} > {bound:.1e}"
+        assert err <= bound or abs_err(o, r) <= atol, \
+            f"{what} output {k}: rel err {err:.2e} > {bound:.1e}"
     if not outs[0].requires_grad:
         return
     g = torch.randn(outs[0].shape, dtype=torch.float64)
@@ -97,7 +105,13 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
         if backend == "reference" and dtype != torch.float64:
             continue
         bound = bound_for(rel_err(grads_eager[k], g64) if eager else 0.0)
-        assert err <= bound, f"{what} grad {k}: rel err {err:.2e} > {bound:.1e}"
+        if gr.dim() == 0 and dtype in (torch.float16, torch.bfloat16):
+            # A temperature/scale/bias gradient is one sum of N·M cancelling terms: in fp16/bf16
+            # both the kernel and the eager run are ill-conditioned there, and the 2× ratio of
+            # two random rounding errors is noise.  Documented looser bound for these scalars.
+            bound = max(5e-2, 4 * rel_err(grads_eager[k], g64) if eager else 0.0)
+        assert err <= bound or abs_err(gr, g64) <= atol, \
+            f"{what} grad {k}: rel err {err:.2e} > {bound:.1e}"
 
 
 def _labels(n, classes, gen):

@@ -1,0 +1,38 @@
+# fused-losses: the two commands of the README.
+#   make test    — create .venv if missing, install torch + triton + the package (with its C++
+#                  extension) and test extras, then lint and run the test suite.
+#   make bench   — same environment, then the default benchmark (python -m fused_losses.bench).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: test bench lint cuda-check clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: the extension builds against it (--no-build-isolation below).
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q "triton>=3.0" setuptools wheel ninja
+	$(PIP) install -q --no-build-isolation -e ".[test,bench,triton]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fused_losses tests bench scripts examples
+
+# Plain serial pytest: the interpreted-Triton tests are CPU-bound and the CI machine has 2 cores,
+# so xdist workers would only contend (and double peak memory).
+test: $(STAMP) lint
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PY) -m fused_losses.bench
+
+cuda-check:
+	bash scripts/check_cuda_compile.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info fused_losses/*.so

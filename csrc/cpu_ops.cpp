@@ -1,0 +1,282 @@
+// Compiled CPU backend: the streaming loops of the kernel contract (fused_losses/kernels.py).
+//
+// Each op walks (row block × column block) tiles.  A tile's similarities come from one GEMM into
+// a per-thread buffer (ATen/MKL, single-threaded inside the parallel region); the elementwise
+// work is done by the torch-free functions of cpu/tile_ops.h while the tile is in cache.  Row
+// blocks run in parallel (at::parallel_for); column reductions and dY accumulate in per-thread
+// buffers merged at the end.  Extra memory: O(threads·(M·D + tile)), never N×M.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/tile_ops.h"
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kColBlock = 512;
+
+fl::PairMask make_mask(const optional<Tensor>& labels, const optional<Tensor>& key_labels,
+                       int64_t n_keys, int64_t offset, bool exclude_diagonal, bool decoupled,
+                       bool no_positives) {
+  fl::PairMask m;
+  if (labels.has_value()) {
+    TORCH_CHECK(key_labels.has_value(), "key_labels required with labels");
+    TORCH_CHECK(labels->scalar_type() == at::kLong && key_labels->scalar_type() == at::kLong,
+                "labels must be int64");
+    TORCH_CHECK(labels->is_contiguous() && key_labels->is_contiguous(), "labels contiguous");
+    m.labels = labels->data_ptr<int64_t>();
+    m.key_labels = key_labels->data_ptr<int64_t>();
+  }
+  m.n_keys = n_keys;
+  m.offset = offset;
+  m.exclude_diagonal = exclude_diagonal;
+  m.decoupled = decoupled;
+  m.no_positives = no_positives;
+  return m;
+}
+
+void check_pair(const Tensor& x, const Tensor& y) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "x (N,D), y (M,D)");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must share a dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the compiled CPU kernels take float32 or float64");
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "x and y must be contiguous");
+}
+
+int64_t num_blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
+
+// Multiversioned entry points: the always-inline tile bodies are compiled once per target.
+#define FL_FWD_TILE(T)                                                                        \
+  FL_MULTIVERSION void fwd_tile_##T(T* z, int64_t ld, int64_t rows, int64_t cols, T scale,     \
+                                    const T* bias, const uint8_t* flags, int64_t ldf,          \
+                                    T* scratch, fl::Lse<T>* lse, T* ps, T* pc, int64_t kc,     \
+                                    T* cmax, T* csum, T* cps, T* cpc) {                        \
+    fl::fwd_tile<T>(z, ld, rows, cols, scale, bias, flags, ldf, scratch, lse, ps, pc, kc,     \
+                    cmax, csum, cps, cpc);                                                     \
+  }                                                                                            \
+  FL_MULTIVERSION double bwd_tile_##T(const T* s, int64_t ld, int64_t rows, int64_t cols,      \
+                                      T scale, const T* bias, const uint8_t* flags,            \
+                                      int64_t ldf, const T* rl, const T* gr, const T* grp,     \
+                                      int64_t kc, const T* cl, const T* gc, const T* gcp,      \
+                                      T* dz, int64_t ldz, T* db, T* cq, T* cp) {               \
+    return fl::bwd_tile<T>(s, ld, rows, cols, scale, bias, flags, ldf, rl, gr, grp, kc, cl,    \
+                           gc, gcp, dz, ldz, db, cq, cp);                                      \
+  }
+FL_FWD_TILE(float)
+FL_FWD_TILE(double)
+
+inline void fwd_tile_any(float* z, int64_t ld, int64_t rows, int64_t cols, float scale,
+                         const float* b, const uint8_t* f, int64_t ldf, float* sc,
+                         fl::Lse<float>* l, float* ps, float* pc, int64_t kc, float* cm,
+                         float* cs, float* cps, float* cpc) {
+  fwd_tile_float(z, ld, rows, cols, scale, b, f, ldf, sc, l, ps, pc, kc, cm, cs, cps, cpc);
+}
+inline void fwd_tile_any(double* z, int64_t ld, int64_t rows, int64_t cols, double scale,
+                         const double* b, const uint8_t* f, int64_t ldf, double* sc,
+                         fl::Lse<double>* l, double* ps, double* pc, int64_t kc, double* cm,
+                         double* cs, double* cps, double* cpc) {
+  fwd_tile_double(z, ld, rows, cols, scale, b, f, ldf, sc, l, ps, pc, kc, cm, cs, cps, cpc);
+}
+inline double bwd_tile_any(const float* s, int64_t ld, int64_t rows, int64_t cols, float scale,
+                           const float* b, const uint8_t* f, int64_t ldf, const float* rl,
+                           const float* gr, const float* grp, int64_t kc, const float* cl,
+                           const float* gc, const float* gcp, float* dz, int64_t ldz,
+                           float* db, float* cq, float* cp) {
+  return bwd_tile_float(s, ld, rows, cols, scale, b, f, ldf, rl, gr, grp, kc, cl, gc, gcp, dz,
+                        ldz, db, cq, cp);
+}
+inline double bwd_tile_any(const double* s, int64_t ld, int64_t rows, int64_t cols,
+                           double scale, const double* b, const uint8_t* f, int64_t ldf,
+                           const double* rl, const double* gr, const double* grp, int64_t kc,
+                           const double* cl, const double* gc, const double* gcp, double* dz,
+                           int64_t ldz, double* db, double* cq, double* cp) {
+  return bwd_tile_double(s, ld, rows, cols, scale, b, f, ldf, rl, gr, grp, kc, cl, gc, gcp, dz,
+                         ldz, db, cq, cp);
+}
+
+// S (rows × cols) = X[r0:r0+rows] · Y[c0:c0+cols]ᵀ into buf (a per-thread tensor).
+Tensor sim_tile(const Tensor& x, const Tensor& y, int64_t r0, int64_t rows, int64_t c0,
+                int64_t cols, Tensor& buf) {
+  Tensor out = buf.narrow(0, 0, rows).narrow(1, 0, cols);
+  at::mm_out(out, x.narrow(0, r0, rows), y.narrow(0, c0, cols).t());
+  return out;
+}
+
+template <typename T>
+std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T scale,
+                                         const optional<Tensor>& bias, const fl::PairMask& mask,
+                                         bool want_cols) {
+  const int64_t n = x.size(0), m = y.size(0), nk = mask.n_keys;
+  auto opts = x.options();
+  Tensor row_lse = at::empty({n}, opts), row_ps = at::empty({n}, opts),
+         row_pc = at::empty({n}, opts);
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const int threads = at::get_num_threads();
+  // Per-thread column state: max, sum, pos_sum, pos_cnt for the nk key columns.
+  std::vector<std::vector<fl::Lse<T>>> col_state(want_cols ? threads : 0);
+  std::vector<std::vector<T>> col_ps(want_cols ? threads : 0), col_pc(want_cols ? threads : 0);
+  for (int t = 0; t < (want_cols ? threads : 0); ++t) {
+    col_state[t].assign(nk, fl::Lse<T>());
+    col_ps[t].assign(nk, T(0));
+    col_pc[t].assign(nk, T(0));
+  }
+  T* rl = row_lse.data_ptr<T>();
+  T* rps = row_ps.data_ptr<T>();
+  T* rpc = row_pc.data_ptr<T>();
+  at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
+    const int tid = at::get_thread_num();
+    Tensor buf = at::empty({kRowBlock, kColBlock}, opts);
+    std::vector<T> zb(kColBlock), cmax(kColBlock), csum(kColBlock);
+    std::vector<uint8_t> flags(kRowBlock * kColBlock);
+    std::vector<fl::Lse<T>> lse(kRowBlock);
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
+      std::fill(lse.begin(), lse.end(), fl::Lse<T>());
+      std::fill(rps + r0, rps + r0 + rows, T(0));
+      std::fill(rpc + r0, rpc + r0 + rows, T(0));
+      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+        const int64_t cols = std::min(kColBlock, m - c0);
+        Tensor s = sim_tile(x, y, r0, rows, c0, cols, buf);
+        T* z = s.data_ptr<T>();
+        fl::tile_flags(mask, r0, rows, c0, cols, flags.data(), kColBlock);
+        const bool cols_here = want_cols && c0 < nk;
+        const int64_t kc = cols_here ? std::min(cols, nk - c0) : 0;
+        fwd_tile_any(z, s.stride(0), rows, cols, scale, b ? b + c0 : nullptr, flags.data(),
+                     kColBlock, zb.data(), lse.data(), rps + r0, rpc + r0, kc,
+                     cols_here ? cmax.data() : nullptr, csum.data(),
+                     cols_here ? col_ps[tid].data() + c0 : nullptr,
+                     cols_here ? col_pc[tid].data() + c0 : nullptr);
+        for (int64_t j = 0; j < kc; ++j) col_state[tid][c0 + j].merge(cmax[j], csum[j]);
+      }
+      for (int64_t i = 0; i < rows; ++i) rl[r0 + i] = lse[i].value();
+    }
+  });
+  if (!want_cols) return {row_lse, row_ps, row_pc};
+  Tensor col_lse = at::empty({nk}, opts), cps = at::zeros({nk}, opts), cpc = at::zeros({nk}, opts);
+  T* cl = col_lse.data_ptr<T>();
+  T* cs = cps.data_ptr<T>();
+  T* cc = cpc.data_ptr<T>();
+  for (int64_t j = 0; j < nk; ++j) {
+    fl::Lse<T> acc;
+    for (int t = 0; t < threads; ++t) {
+      acc.merge(col_state[t][j].max, col_state[t][j].sum);
+      cs[j] += col_ps[t][j];
+      cc[j] += col_pc[t][j];
+    }
+    cl[j] = acc.value();
+  }
+  return {row_lse, row_ps, row_pc, col_lse, cps, cpc};
+}
+
+std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
+                                    optional<Tensor> labels, optional<Tensor> key_labels,
+                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
+                                    bool decoupled, bool no_positives, bool want_cols) {
+  // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
+  // parallel workers would not see a NoGradGuard).
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+                        no_positives);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
+    return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask, want_cols);
+  });
+}
+
+template <typename T>
+std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T scale,
+                                         const optional<Tensor>& bias, const fl::PairMask& mask,
+                                         const Tensor& row_lse, const Tensor& g_row,
+                                         const Tensor& g_rowpos, const optional<Tensor>& col_lse,
+                                         const optional<Tensor>& g_col,
+                                         const optional<Tensor>& g_colpos) {
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1), nk = mask.n_keys;
+  auto opts = x.options();
+  const int threads = at::get_num_threads();
+  Tensor dx = at::empty({n, d}, opts);
+  Tensor dy_t = at::zeros({threads, m, d}, opts);
+  Tensor dbias_t = at::zeros({threads, m}, opts);
+  std::vector<double> dscale_t(threads, 0.0);
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const T* rl = row_lse.data_ptr<T>();
+  const T* gr = g_row.data_ptr<T>();
+  const T* grp = g_rowpos.data_ptr<T>();
+  const bool cols_on = col_lse.has_value();
+  const T* cl = cols_on ? col_lse->data_ptr<T>() : nullptr;
+  const T* gc = cols_on ? g_col->data_ptr<T>() : nullptr;
+  const T* gcp = cols_on ? g_colpos->data_ptr<T>() : nullptr;
+  at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
+    const int tid = at::get_thread_num();
+    Tensor buf = at::empty({kRowBlock, kColBlock}, opts);
+    Tensor dzbuf = at::empty({kRowBlock, kColBlock}, opts);
+    std::vector<uint8_t> flags(kRowBlock * kColBlock);
+    std::vector<T> colq(kColBlock), colp(kColBlock);
+    Tensor dy = dy_t[tid];
+    T* db = dbias_t[tid].data_ptr<T>();
+    double dscale = 0.0;
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
+      Tensor dx_blk = dx.narrow(0, r0, rows);
+      dx_blk.zero_();
+      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+        const int64_t cols = std::min(kColBlock, m - c0);
+        Tensor s = sim_tile(x, y, r0, rows, c0, cols, buf);
+        Tensor dz = dzbuf.narrow(0, 0, rows).narrow(1, 0, cols);
+        fl::tile_flags(mask, r0, rows, c0, cols, flags.data(), kColBlock);
+        const int64_t kc = cols_on && c0 < nk ? std::min(cols, nk - c0) : 0;
+        dscale += bwd_tile_any(s.data_ptr<T>(), s.stride(0), rows, cols, scale,
+                               b ? b + c0 : nullptr, flags.data(), kColBlock, rl + r0, gr + r0,
+                               grp + r0, kc, kc ? cl + c0 : nullptr, kc ? gc + c0 : nullptr,
+                               kc ? gcp + c0 : nullptr, dz.data_ptr<T>(), dz.stride(0),
+                               b ? db + c0 : nullptr, colq.data(), colp.data());
+        // dX_blk += scale·dZ·Y_tile ; dY_tile += scale·dZᵀ·X_blk (per-thread dY).
+        dx_blk.addmm_(dz, y.narrow(0, c0, cols), 1, scale);
+        Tensor dy_tile = dy.narrow(0, c0, cols);
+        dy_tile.addmm_(dz.t(), x.narrow(0, r0, rows), 1, scale);
+      }
+    }
+    dscale_t[tid] += dscale;
+  });
+  double dscale = 0.0;
+  for (double v : dscale_t) dscale += v;
+  Tensor dy = dy_t.sum(0);
+  Tensor dscale_out = at::full({}, dscale, opts);
+  if (!bias.has_value()) return {dx, dy, dscale_out};
+  return {dx, dy, dscale_out, dbias_t.sum(0)};
+}
+
+std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
+                                    optional<Tensor> labels, optional<Tensor> key_labels,
+                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
+                                    bool decoupled, bool no_positives, Tensor row_lse,
+                                    Tensor g_row, Tensor g_rowpos, optional<Tensor> col_lse,
+                                    optional<Tensor> g_col, optional<Tensor> g_colpos) {
+  // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
+  // parallel workers would not see a NoGradGuard).
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+                        no_positives);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd", [&] {
+    return contrastive_bwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask,
+                                          row_lse.contiguous(), g_row.contiguous(),
+                                          g_rowpos.contiguous(), col_lse, g_col, g_colpos);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
+  m.def("contrastive_fwd", &contrastive_fwd);
+  m.def("contrastive_bwd", &contrastive_bwd);
+}

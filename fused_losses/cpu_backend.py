@@ -1,0 +1,66 @@
+"""The ``cpu`` backend: the compiled C++ kernels of ``fused_losses._C`` (csrc/cpu_ops.cpp).
+
+Implements the kernel contract of ``kernels.py``; ``fused.py`` builds the ops on top.  fp32 and
+fp64 run natively; fp16/bf16 inputs are upcast to fp32 (O((N+M)·D) copies) and computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from .fused import register_fused_backend
+
+
+def _ops():
+    return torch.ops.fused_losses_C
+
+
+def _native(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.contiguous()
+
+
+def _mask_args(mask):
+    return (mask.labels, mask.key_labels, mask.n_keys, mask.offset, mask.exclude_diagonal,
+            mask.decoupled, mask.no_positives)
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+class CpuKernels:
+    """Kernel contract over torch.ops.fused_losses_C.*."""
+
+    def contrastive_fwd(self, x, y, scale, bias, mask, want_cols):
+        x, y = _native(x), _native(y)
+        out = _ops().contrastive_fwd(x, y, scale, _c(bias), *_mask_args(mask), want_cols)
+        if want_cols:
+            return tuple(out)
+        return (*out, None, None, None)
+
+    def contrastive_bwd(self, x, y, scale, bias, mask, row_lse, g_row, g_rowpos, col_lse, g_col,
+                        g_colpos):
+        x, y = _native(x), _native(y)
+        out = _ops().contrastive_bwd(x, y, scale, _c(bias), *_mask_args(mask), row_lse,
+                                     g_row.contiguous(), g_rowpos.contiguous(), _c(col_lse),
+                                     _c(g_col), _c(g_colpos))
+        dx, dy, dscale = out[0], out[1], out[2]
+        return dx, dy, dscale, (out[3] if bias is not None else None)
+
+
+def _availability():
+    return _ext.cpu_ext_unavailable_reason()
+
+
+CPU = register_fused_backend(
+    "cpu",
+    priority=30,
+    devices={"cpu"},
+    dtypes={torch.float32, torch.float64, torch.float16, torch.bfloat16},
+    kernels=CpuKernels(),
+    availability=_availability,
+    ops=["info_nce", "pairwise_logsumexp"],
+)
