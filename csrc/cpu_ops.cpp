@@ -10,6 +10,8 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu/tile_ops.h"
@@ -274,9 +276,291 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Generic passes shared by the losses below: a row-block tile loop, and a gradient pass that turns
+// a per-tile dS into dX = dS·Y and dY = dSᵀ·X (per-thread dY, summed at the end).
+
+// f(tid, r0, rows, c0, cols, const T* s, ld) for every tile, row blocks in parallel.
+template <typename T, typename F>
+void for_each_tile(const Tensor& x, const Tensor& y, F&& f) {
+  const int64_t n = x.size(0), m = y.size(0);
+  at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
+    const int tid = at::get_thread_num();
+    Tensor buf = at::empty({kRowBlock, kColBlock}, x.options());
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
+      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+        const int64_t cols = std::min(kColBlock, m - c0);
+        Tensor st = sim_tile(x, y, r0, rows, c0, cols, buf);
+        f(tid, r0, rows, c0, cols, static_cast<const T*>(st.data_ptr<T>()), st.stride(0));
+      }
+    }
+  });
+}
+
+// dS tile from g(tid, r0, rows, c0, cols, s, ld, ds, ldd); returns {dX, dY} = {dS·Y, dSᵀ·X}.
+template <typename T, typename G>
+std::pair<Tensor, Tensor> grad_pass(const Tensor& x, const Tensor& y, G&& g) {
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  const int threads = at::get_num_threads();
+  Tensor dx = at::zeros({n, d}, x.options());
+  Tensor dy_t = at::zeros({threads, m, d}, x.options());
+  at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
+    const int tid = at::get_thread_num();
+    Tensor buf = at::empty({kRowBlock, kColBlock}, x.options());
+    Tensor dsbuf = at::empty({kRowBlock, kColBlock}, x.options());
+    Tensor dy = dy_t[tid];
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
+      Tensor dx_blk = dx.narrow(0, r0, rows);
+      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+        const int64_t cols = std::min(kColBlock, m - c0);
+        Tensor st = sim_tile(x, y, r0, rows, c0, cols, buf);
+        Tensor ds = dsbuf.narrow(0, 0, rows).narrow(1, 0, cols);
+        g(tid, r0, rows, c0, cols, static_cast<const T*>(st.data_ptr<T>()), st.stride(0),
+          ds.data_ptr<T>(), ds.stride(0));
+        dx_blk.addmm_(ds, y.narrow(0, c0, cols));
+        dy.narrow(0, c0, cols).addmm_(ds.t(), x.narrow(0, r0, rows));
+      }
+    }
+  });
+  return {dx, dy_t.sum(0)};
+}
+
+// ------------------------------------------------------------------------------ SigLIP
+
+std::vector<Tensor> siglip_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, int64_t offset) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "siglip_fwd", [&] {
+    using T = scalar_t;
+    const T sc = scale.item<T>(), b = bias.item<T>();
+    const int threads = at::get_num_threads();
+    // Per-thread partial rows (a row block is owned by one thread, but stay generic).
+    Tensor out = at::zeros({threads, x.size(0)}, x.options());
+    for_each_tile<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                               const T* s, int64_t ld) {
+      T* o = out[tid].data_ptr<T>();
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t diag = r0 + i + offset - c0;
+        T acc = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+          const T sign = j == diag ? T(1) : T(-1);
+          const T t = -sign * (sc * s[i * ld + j] + b);  // softplus(t), stably
+          acc += (t > 0 ? t : T(0)) + std::log1p(fl::exp_f(-std::abs(t)));
+        }
+        o[r0 + i] += acc;
+      }
+    });
+    return std::vector<Tensor>{out.sum(0)};
+  });
+}
+
+std::vector<Tensor> siglip_bwd(Tensor x, Tensor y, Tensor scale, Tensor bias, int64_t offset,
+                               Tensor g_row) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  g_row = g_row.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "siglip_bwd", [&] {
+    using T = scalar_t;
+    const T sc = scale.item<T>(), b = bias.item<T>();
+    const T* gr = g_row.data_ptr<T>();
+    std::vector<double> dscale(at::get_num_threads(), 0.0), dbias(at::get_num_threads(), 0.0);
+    auto grads = grad_pass<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0,
+                                        int64_t cols, const T* s, int64_t ld, T* ds,
+                                        int64_t ldd) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t diag = r0 + i + offset - c0;
+        double ds_s = 0.0, ds_1 = 0.0;
+        for (int64_t j = 0; j < cols; ++j) {
+          const T sign = j == diag ? T(1) : T(-1);
+          const T u = -sign * (sc * s[i * ld + j] + b);
+          const T sig = T(1) / (T(1) + fl::exp_f(-u));  // sigmoid(u)
+          const T gz = -gr[r0 + i] * sign * sig;         // dL/dlogit
+          ds[i * ldd + j] = sc * gz;
+          ds_s += static_cast<double>(gz) * s[i * ld + j];
+          ds_1 += gz;
+        }
+        dscale[tid] += ds_s;
+        dbias[tid] += ds_1;
+      }
+    });
+    double dsc = 0.0, db = 0.0;
+    for (size_t t = 0; t < dscale.size(); ++t) { dsc += dscale[t]; db += dbias[t]; }
+    return std::vector<Tensor>{grads.first, grads.second, at::full({}, dsc, x.options()),
+                               at::full({}, db, x.options())};
+  });
+}
+
+// ------------------------------------------------------------------------ multi-similarity
+
+struct MsArgs {
+  const int64_t* labels;
+  const int64_t* ref_labels;
+  int64_t offset;
+  bool exclude_self;
+};
+
+// bit 0: positive, bit 1: negative (self pairs are neither when excluded).
+inline int ms_flags(const MsArgs& a, int64_t gi, int64_t gj) {
+  if (a.exclude_self && gj == gi + a.offset) return 0;
+  return a.labels[gi] == a.ref_labels[gj] ? 1 : 2;
+}
+
+MsArgs ms_args(const Tensor& labels, const Tensor& ref_labels, int64_t offset, bool exclude_self) {
+  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous() && ref_labels.is_contiguous(),
+              "labels must be contiguous int64");
+  return {labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), offset, exclude_self};
+}
+
+std::vector<Tensor> ms_mine(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int64_t offset,
+                            bool exclude_self) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  const MsArgs a = ms_args(labels, ref_labels, offset, exclude_self);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_mine", [&] {
+    using T = scalar_t;
+    const T inf = std::numeric_limits<T>::infinity();
+    Tensor min_pos = at::full({x.size(0)}, inf, x.options());
+    Tensor max_neg = at::full({x.size(0)}, -inf, x.options());
+    T* mp = min_pos.data_ptr<T>();
+    T* mn = max_neg.data_ptr<T>();
+    for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                               const T* s, int64_t ld) {
+      for (int64_t i = 0; i < rows; ++i) {
+        T lo = mp[r0 + i], hi = mn[r0 + i];
+        for (int64_t j = 0; j < cols; ++j) {
+          const int f = ms_flags(a, r0 + i, c0 + j);
+          const T v = s[i * ld + j];
+          if ((f & 1) && v < lo) lo = v;
+          if ((f & 2) && v > hi) hi = v;
+        }
+        mp[r0 + i] = lo;
+        mn[r0 + i] = hi;
+      }
+    });
+    return std::vector<Tensor>{min_pos, max_neg};
+  });
+}
+
+// Kept pairs and their exponents u = -α(s-base) (positives) or β(s-base) (negatives).
+template <typename T>
+inline int ms_kept(const MsArgs& a, int64_t gi, int64_t gj, T s, bool mining, T eps, T min_pos,
+                   T max_neg) {
+  int f = ms_flags(a, gi, gj);
+  if (mining) {
+    if ((f & 1) && !(s - eps < max_neg)) f &= ~1;
+    if ((f & 2) && !(s + eps > min_pos)) f &= ~2;
+  }
+  return f;
+}
+
+std::vector<Tensor> ms_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int64_t offset,
+                           bool exclude_self, double alpha, double beta, double base,
+                           std::optional<double> epsilon, std::optional<Tensor> min_pos,
+                           std::optional<Tensor> max_neg) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  const MsArgs a = ms_args(labels, ref_labels, offset, exclude_self);
+  const bool mining = epsilon.has_value();
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_fwd", [&] {
+    using T = scalar_t;
+    const int64_t n = x.size(0);
+    // Online LSEs seeded with the value 0 (the "1 +" of log(1 + Σ exp)).
+    std::vector<fl::Lse<T>> pos(n), neg(n);
+    for (int64_t i = 0; i < n; ++i) { pos[i].merge(T(0), T(1)); neg[i].merge(T(0), T(1)); }
+    const T* mp = mining ? min_pos->data_ptr<T>() : nullptr;
+    const T* mn = mining ? max_neg->data_ptr<T>() : nullptr;
+    const T eps = mining ? static_cast<T>(*epsilon) : T(0);
+    const T al = static_cast<T>(alpha), be = static_cast<T>(beta), bs = static_cast<T>(base);
+    std::vector<std::vector<T>> scratch(at::get_num_threads(), std::vector<T>(2 * kColBlock));
+    for_each_tile<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                               const T* s, int64_t ld) {
+      T* up = scratch[tid].data();
+      T* un = up + kColBlock;
+      const T ninf = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t gi = r0 + i;
+        T mxp = ninf, mxn = ninf;
+        for (int64_t j = 0; j < cols; ++j) {
+          const T v = s[i * ld + j];
+          const int f = ms_kept<T>(a, gi, c0 + j, v, mining, eps, mining ? mp[gi] : T(0),
+                                   mining ? mn[gi] : T(0));
+          up[j] = (f & 1) ? -al * (v - bs) : ninf;
+          un[j] = (f & 2) ? be * (v - bs) : ninf;
+          mxp = up[j] > mxp ? up[j] : mxp;
+          mxn = un[j] > mxn ? un[j] : mxn;
+        }
+        T sp = 0, sn = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+          sp += mxp == ninf ? T(0) : fl::exp_f(up[j] - mxp);
+          sn += mxn == ninf ? T(0) : fl::exp_f(un[j] - mxn);
+        }
+        pos[gi].merge(mxp, sp);
+        neg[gi].merge(mxn, sn);
+      }
+    });
+    Tensor pos_lse = at::empty({n}, x.options()), neg_lse = at::empty({n}, x.options());
+    for (int64_t i = 0; i < n; ++i) {
+      pos_lse.data_ptr<T>()[i] = pos[i].value();
+      neg_lse.data_ptr<T>()[i] = neg[i].value();
+    }
+    return std::vector<Tensor>{pos_lse, neg_lse};
+  });
+}
+
+std::vector<Tensor> ms_bwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int64_t offset,
+                           bool exclude_self, double alpha, double beta, double base,
+                           std::optional<double> epsilon, std::optional<Tensor> min_pos,
+                           std::optional<Tensor> max_neg, Tensor pos_lse, Tensor neg_lse,
+                           Tensor g) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  const MsArgs a = ms_args(labels, ref_labels, offset, exclude_self);
+  const bool mining = epsilon.has_value();
+  g = g.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_bwd", [&] {
+    using T = scalar_t;
+    const T* mp = mining ? min_pos->data_ptr<T>() : nullptr;
+    const T* mn = mining ? max_neg->data_ptr<T>() : nullptr;
+    const T* pl = pos_lse.data_ptr<T>();
+    const T* nl = neg_lse.data_ptr<T>();
+    const T* gg = g.data_ptr<T>();
+    const T eps = mining ? static_cast<T>(*epsilon) : T(0);
+    const T al = static_cast<T>(alpha), be = static_cast<T>(beta), bs = static_cast<T>(base);
+    auto grads = grad_pass<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                                        const T* s, int64_t ld, T* ds, int64_t ldd) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t gi = r0 + i;
+        for (int64_t j = 0; j < cols; ++j) {
+          const T v = s[i * ld + j];
+          const int f = ms_kept<T>(a, gi, c0 + j, v, mining, eps, mining ? mp[gi] : T(0),
+                                   mining ? mn[gi] : T(0));
+          T d = 0;
+          if (f & 1) d -= fl::exp_f(-al * (v - bs) - pl[gi]);
+          if (f & 2) d += fl::exp_f(be * (v - bs) - nl[gi]);
+          ds[i * ldd + j] = gg[gi] * d;
+        }
+      }
+    });
+    return std::vector<Tensor>{grads.first, grads.second};
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
   m.def("contrastive_fwd", &contrastive_fwd);
   m.def("contrastive_bwd", &contrastive_bwd);
+  m.def("siglip_fwd", &siglip_fwd);
+  m.def("siglip_bwd", &siglip_bwd);
+  m.def("ms_mine", &ms_mine);
+  m.def("ms_fwd", &ms_fwd);
+  m.def("ms_bwd", &ms_bwd);
 }

@@ -51,6 +51,29 @@ class CpuKernels:
         return dx, dy, dscale, (out[3] if bias is not None else None)
 
 
+    def siglip_fwd(self, x, y, scale, bias, offset):
+        return _ops().siglip_fwd(_native(x), _native(y), scale, bias, offset)[0]
+
+    def siglip_bwd(self, x, y, scale, bias, offset, g_row):
+        return tuple(_ops().siglip_bwd(_native(x), _native(y), scale, bias, offset, g_row))
+
+    def ms_mine(self, x, y, labels, ref_labels, offset, exclude_self):
+        return tuple(_ops().ms_mine(_native(x), _native(y), labels.contiguous(),
+                                    ref_labels.contiguous(), offset, exclude_self))
+
+    def ms_fwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+               min_pos, max_neg):
+        return tuple(_ops().ms_fwd(_native(x), _native(y), labels.contiguous(),
+                                   ref_labels.contiguous(), offset, exclude_self, alpha, beta,
+                                   base, epsilon, min_pos, max_neg))
+
+    def ms_bwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+               min_pos, max_neg, pos_lse, neg_lse, g):
+        return tuple(_ops().ms_bwd(_native(x), _native(y), labels.contiguous(),
+                                   ref_labels.contiguous(), offset, exclude_self, alpha, beta,
+                                   base, epsilon, min_pos, max_neg, pos_lse, neg_lse, g))
+
+
 def _availability():
     return _ext.cpu_ext_unavailable_reason()
 
@@ -62,5 +85,5 @@ CPU = register_fused_backend(
     dtypes={torch.float32, torch.float64, torch.float16, torch.bfloat16},
     kernels=CpuKernels(),
     availability=_availability,
-    ops=["info_nce", "pairwise_logsumexp"],
+    ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity"],
 )

@@ -126,3 +126,24 @@ def cases(backend: str):
         if shape not in SHAPES:
             out += [(shape, dt) for dt in large_dtypes if dt in dtypes_for(backend)]
     return out
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf with L2-normalized rows (same requires_grad)."""
+    with torch.no_grad():
+        u = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return u.detach().requires_grad_(t.requires_grad)
+
+
+def kernel_inputs(dtype: torch.dtype, d: int, *tensors: torch.Tensor):
+    """(normalize flag, tensors) for a kernel comparison.  In fp16/bf16 the features are
+    normalized up front and passed with normalize=False: the oracle then sees exactly the rounded
+    unit rows the kernel sees, so the check measures the kernel, not the rounding of normalized
+    features (normalization itself is covered in fp32/fp64).  D=1 runs unnormalized (a
+    normalized 1-D feature is ±1 and has a zero gradient)."""
+    if dtype in LOW_PRECISION and d > 1:
+        return False, tuple(unit_rows(t) for t in tensors)
+    return d > 1, tensors

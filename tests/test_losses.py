@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    kernel_inputs,
     assert_rel,
     cases,
     dtypes_for,
@@ -105,11 +106,13 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
         if backend == "reference" and dtype != torch.float64:
             continue
         bound = bound_for(rel_err(grads_eager[k], g64) if eager else 0.0)
-        if gr.dim() == 0 and dtype in (torch.float16, torch.bfloat16):
-            # A temperature/scale/bias gradient is one sum of N·M cancelling terms: in fp16/bf16
-            # both the kernel and the eager run are ill-conditioned there, and the 2× ratio of
-            # two random rounding errors is noise.  Documented looser bound for these scalars.
-            bound = max(5e-2, 4 * rel_err(grads_eager[k], g64) if eager else 0.0)
+        if gr.dim() == 0 and dtype != torch.float64:
+            # A temperature/scale/bias gradient is one sum of N·M sign-mixed terms (random
+            # per-anchor upstream gradients here): kernel and eager runs are both ill-conditioned
+            # and the ratio of their two rounding errors is noise.  Documented looser bound for
+            # these scalars only: 10× the SPEC tolerance, or 4× the eager error.
+            eager_err = rel_err(grads_eager[k], g64) if eager else 0.0
+            bound = max(10 * tol, 4 * eager_err)
         assert err <= bound or abs_err(gr, g64) <= atol, \
             f"{what} grad {k}: rel err {err:.2e} > {bound:.1e}"
 
@@ -154,14 +157,17 @@ def test_info_nce(backend, device, variant, reduction):
             if opts.get("extra_negatives")
             else None
         )
+        norm, (q, k) = kernel_inputs(dtype, d, q, k)
+        if extra is not None:
+            _, (extra,) = kernel_inputs(dtype, d, extra)
         labels = _labels(n, 3, gen) if opts.get("labels") else None
         kw = {
             k2: v
             for k2, v in opts.items()
             if k2 not in ("labels", "extra_negatives", "temperature")
         }
-        if d == 1:
-            kw["normalize"] = False  # normalized 1-D features are ±1: zero gradient
+        if kw.get("normalize", True):
+            kw["normalize"] = norm
 
         def fn(b, q, k, t, e, lab, kw=kw):
             return FL.info_nce(
@@ -244,12 +250,13 @@ def test_nt_xent_sup_con_siglip(backend, device):
         z1 = randn(n, d, gen=gen, requires_grad=True)
         z2 = randn(n, d, gen=gen, requires_grad=True)
         lab = torch.randint(0, 4, (n,), generator=gen)
+        norm, (z1, z2) = kernel_inputs(dtype, d, z1, z2)
         if supports(backend, "info_nce"):
             check_against_reference(
                 backend,
                 device,
                 dtype,
-                lambda b, a, c: FL.nt_xent(a, c, temperature=0.3, normalize=d > 1, backend=b),
+                lambda b, a, c: FL.nt_xent(a, c, temperature=0.3, normalize=norm, backend=b),
                 [z1, z2],
                 f"nt_xent N={n} D={d} {dtype}",
             )
@@ -257,7 +264,7 @@ def test_nt_xent_sup_con_siglip(backend, device):
                 backend,
                 device,
                 dtype,
-                lambda b, a, lb: FL.sup_con(a, lb, temperature=0.2, normalize=d > 1, backend=b),
+                lambda b, a, lb: FL.sup_con(a, lb, temperature=0.2, normalize=norm, backend=b),
                 [z1, lab],
                 f"sup_con N={n} D={d} {dtype}",
             )
@@ -268,7 +275,7 @@ def test_nt_xent_sup_con_siglip(backend, device):
                 backend,
                 device,
                 dtype,
-                lambda b, a, c, s, t: FL.siglip_loss(a, c, s, t, normalize=d > 1, backend=b),
+                lambda b, a, c, s, t: FL.siglip_loss(a, c, s, t, normalize=norm, backend=b),
                 [z1, z2, scale, bias],
                 f"siglip N={n} D={d} {dtype}",
             )
@@ -282,18 +289,20 @@ def test_multi_similarity(backend, device, epsilon):
     for (n, m, d), dtype in cases(backend):
         e = randn(n, d, gen=gen, requires_grad=True)
         lab = torch.randint(0, 3, (n,), generator=gen)
+        norm, (e,) = kernel_inputs(dtype, d, e)
         check_against_reference(
             backend,
             device,
             dtype,
             lambda b, x, lb: FL.multi_similarity(
-                x, lb, epsilon=epsilon, normalize=d > 1, backend=b
+                x, lb, epsilon=epsilon, normalize=norm, backend=b
             ),
             [e, lab],
             f"ms self N={n} D={d} {dtype}",
         )
         r = randn(m, d, gen=gen, requires_grad=True)
         rlab = torch.randint(0, 3, (m,), generator=gen)
+        _, (r,) = kernel_inputs(dtype, d, r)
         check_against_reference(
             backend,
             device,
@@ -305,7 +314,7 @@ def test_multi_similarity(backend, device, epsilon):
                 ref_labels=rl,
                 epsilon=epsilon,
                 beta=50.0,
-                normalize=d > 1,
+                normalize=norm,
                 reduction="none",
                 backend=b,
             ),

