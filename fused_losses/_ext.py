@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Optional
 
-_cache: dict[str, tuple[Optional[ModuleType], Optional[str]]] = {}
+_cache: dict[str, tuple[ModuleType | None, str | None]] = {}
 
 _HOW = ("reinstall with `pip install -e . --no-build-isolation` (or `make test`), which needs a "
         "C++17 compiler")
 
 
-def _load(name: str, what: str) -> tuple[Optional[ModuleType], Optional[str]]:
+def _load(name: str, what: str) -> tuple[ModuleType | None, str | None]:
     if name not in _cache:
         try:
             _cache[name] = (importlib.import_module(name), None)
@@ -26,17 +25,17 @@ def _load(name: str, what: str) -> tuple[Optional[ModuleType], Optional[str]]:
     return _cache[name]
 
 
-def load_cpu_ext() -> Optional[ModuleType]:
+def load_cpu_ext() -> ModuleType | None:
     return _load("fused_losses._C", "C++ CPU kernels")[0]
 
 
-def cpu_ext_unavailable_reason() -> Optional[str]:
+def cpu_ext_unavailable_reason() -> str | None:
     return _load("fused_losses._C", "C++ CPU kernels")[1]
 
 
-def load_cuda_ext() -> Optional[ModuleType]:
+def load_cuda_ext() -> ModuleType | None:
     return _load("fused_losses._cuda", "CUDA kernels")[0]
 
 
-def cuda_ext_unavailable_reason() -> Optional[str]:
+def cuda_ext_unavailable_reason() -> str | None:
     return _load("fused_losses._cuda", "CUDA kernels")[1]

@@ -18,7 +18,6 @@ no graph of the loop is ever built and the global grad mode is never touched (Ge
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -277,13 +276,13 @@ def sinkhorn(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    a: Optional[torch.Tensor] = None,
-    b: Optional[torch.Tensor] = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
     blur: float = 0.05,
     p: int = 2,
     scaling: float = 0.5,
-    diameter: Optional[float] = None,
-    n_iters: Optional[int] = None,
+    diameter: float | None = None,
+    n_iters: int | None = None,
     debias: bool = True,
     cost: str = "sqeuclidean",
     reduction: str = "mean",
@@ -315,13 +314,13 @@ def sinkhorn_potentials(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    a: Optional[torch.Tensor] = None,
-    b: Optional[torch.Tensor] = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
     blur: float = 0.05,
     p: int = 2,
     scaling: float = 0.5,
-    diameter: Optional[float] = None,
-    n_iters: Optional[int] = None,
+    diameter: float | None = None,
+    n_iters: int | None = None,
     debias: bool = True,
     cost: str = "sqeuclidean",
     backend: str = "auto",
@@ -345,8 +344,8 @@ def transport_apply(
     y: torch.Tensor,
     v: torch.Tensor,
     *,
-    a: Optional[torch.Tensor] = None,
-    b: Optional[torch.Tensor] = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
     blur: float = 0.05,
     p: int = 2,
     cost: str = "sqeuclidean",
@@ -388,10 +387,10 @@ def transport_apply(
 
 
 def sinkhorn_knopp(
-    scores: Optional[torch.Tensor] = None,
+    scores: torch.Tensor | None = None,
     *,
-    z: Optional[torch.Tensor] = None,
-    prototypes: Optional[torch.Tensor] = None,
+    z: torch.Tensor | None = None,
+    prototypes: torch.Tensor | None = None,
     epsilon: float = 0.05,
     n_iters: int = 3,
     backend: str = "auto",
@@ -434,8 +433,8 @@ def sinkhorn_knopp(
         n, k = z.shape[0], prototypes.shape[0]
         u = torch.zeros(k, dtype=acc, device=z.device)
         v = (-torch.logsumexp(lse(z, prototypes, 1.0 / eps, u, False), 0)).expand(n).clone()
-        for _ in range(n_iters):
-            u = u - lse(prototypes, z, 1.0 / eps, v, False) - math.log(k)
-            v = v - lse(z, prototypes, 1.0 / eps, u, False) - math.log(n)
+        for _ in range(n_iters):  # u_k ← u_k − LSE_n(s/ε + u_k + v_n), u_k cancels
+            u = -lse(prototypes, z, 1.0 / eps, v, False) - math.log(k)
+            v = -lse(z, prototypes, 1.0 / eps, u, False) - math.log(n)
         logq = (z.to(acc) @ prototypes.to(acc).T) / eps
         return torch.exp(logq + u[None, :] + v[:, None] + math.log(n))

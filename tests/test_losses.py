@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
-    kernel_inputs,
     assert_rel,
     cases,
     dtypes_for,
+    kernel_inputs,
     leaf64,
     randn,
     rel_err,
@@ -84,7 +84,8 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
     atol = 1e-12 if dtype == torch.float64 else 0.0
 
     def abs_err(a, b):
-        return float(torch.linalg.vector_norm(a.detach().double().cpu() - b.detach().double().cpu()))
+        diff = a.detach().double().cpu() - b.detach().double().cpu()
+        return float(torch.linalg.vector_norm(diff))
 
     for k, (o, r) in enumerate(zip(outs, refs)):
         if not o.is_floating_point():
