@@ -21,7 +21,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fused_losses tests bench scripts examples
+	$(VENV)/bin/ruff check $(wildcard fused_losses tests bench scripts examples)
 
 # Plain serial pytest: the interpreted-Triton tests are CPU-bound and the CI machine has 2 cores,
 # so xdist workers would only contend (and double peak memory).
