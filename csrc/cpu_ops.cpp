@@ -553,6 +553,121 @@ std::vector<Tensor> ms_bwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
   });
 }
 
+// ------------------------------------------------------------- softmax-weighted matmul
+// out_i = Σ_j softmax_j(scale·s_ij + bias_j) v_j by an online softmax over column tiles
+// (running max, sum and rescaled accumulator per row, flash-attention style).
+
+std::vector<Tensor> softmax_matmul_fwd(Tensor x, Tensor y, Tensor v, Tensor scale,
+                                       std::optional<Tensor> bias) {
+  x = x.detach();
+  y = y.detach();
+  v = v.detach().contiguous();
+  check_pair(x, y);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.scalar_type() == x.scalar_type(),
+              "v must be (M, E) in the dtype of x");
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_matmul_fwd", [&] {
+    using T = scalar_t;
+    const T sc = scale.item<T>();
+    const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+    const int64_t n = x.size(0), m = y.size(0), e = v.size(1);
+    Tensor out = at::zeros({n, e}, x.options());
+    Tensor lse = at::empty({n}, x.options());
+    T* lp = lse.data_ptr<T>();
+    const T ninf = -std::numeric_limits<T>::infinity();
+    at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
+      Tensor buf = at::empty({kRowBlock, kColBlock}, x.options());
+      std::vector<T> mx(kRowBlock), sm(kRowBlock);
+      for (int64_t blk = blo; blk < bhi; ++blk) {
+        const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
+        Tensor acc = out.narrow(0, r0, rows);
+        std::fill(mx.begin(), mx.end(), ninf);
+        std::fill(sm.begin(), sm.end(), T(0));
+        for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+          const int64_t cols = std::min(kColBlock, m - c0);
+          Tensor st = sim_tile(x, y, r0, rows, c0, cols, buf);
+          T* z = st.data_ptr<T>();
+          const int64_t ld = st.stride(0);
+          std::vector<T> rescale(rows);
+          for (int64_t i = 0; i < rows; ++i) {
+            T* zi = z + i * ld;
+            T tmax = ninf;
+            for (int64_t j = 0; j < cols; ++j) {
+              zi[j] = sc * zi[j] + (b ? b[c0 + j] : T(0));
+              tmax = zi[j] > tmax ? zi[j] : tmax;
+            }
+            const T mnew = tmax > mx[i] ? tmax : mx[i];
+            const T msafe = mnew == ninf ? T(0) : mnew;
+            T rowsum = 0;
+            for (int64_t j = 0; j < cols; ++j) {
+              zi[j] = fl::exp_f(zi[j] - msafe);  // the tile now holds P (unnormalized)
+              rowsum += zi[j];
+            }
+            rescale[i] = mx[i] == ninf ? T(0) : fl::exp_f(mx[i] - msafe);
+            sm[i] = sm[i] * rescale[i] + rowsum;
+            mx[i] = mnew;
+          }
+          acc.mul_(at::from_blob(rescale.data(), {rows, 1}, x.options()));
+          acc.addmm_(st, v.narrow(0, c0, cols));
+        }
+        for (int64_t i = 0; i < rows; ++i) lp[r0 + i] = mx[i] + std::log(sm[i]);
+        acc.div_(at::from_blob(sm.data(), {rows, 1}, x.options()));
+      }
+    });
+    return std::vector<Tensor>{out, lse};
+  });
+}
+
+std::vector<Tensor> softmax_matmul_bwd(Tensor x, Tensor y, Tensor v, Tensor scale,
+                                       std::optional<Tensor> bias, Tensor out, Tensor lse,
+                                       Tensor g_out) {
+  x = x.detach();
+  y = y.detach();
+  v = v.detach().contiguous();
+  check_pair(x, y);
+  g_out = g_out.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_matmul_bwd", [&] {
+    using T = scalar_t;
+    const T sc = scale.item<T>();
+    const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+    const int64_t m = y.size(0);
+    const int threads = at::get_num_threads();
+    Tensor delta = (g_out * out).sum(1).contiguous();  // rowsum(g_out ∘ out)
+    const T* dl = delta.data_ptr<T>();
+    const T* lp = lse.contiguous().data_ptr<T>();
+    Tensor dv_t = at::zeros({threads, m, v.size(1)}, x.options());
+    Tensor dbias_t = at::zeros({threads, m}, x.options());
+    std::vector<double> dscale(threads, 0.0);
+    auto grads = grad_pass<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0,
+                                        int64_t cols, const T* s, int64_t ld, T* ds,
+                                        int64_t ldd) {
+      // P tile (into ds), then dv += Pᵀ g_out and dP = g_out vᵀ (GEMMs on this tile).
+      Tensor p = at::from_blob(ds, {rows, cols}, {ldd, 1}, x.options());
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j)
+          ds[i * ldd + j] = fl::exp_f(sc * s[i * ld + j] + (b ? b[c0 + j] : T(0)) - lp[r0 + i]);
+      dv_t[tid].narrow(0, c0, cols).addmm_(p.t(), g_out.narrow(0, r0, rows));
+      Tensor dp = at::mm(g_out.narrow(0, r0, rows), v.narrow(0, c0, cols).t());
+      const T* dpp = dp.data_ptr<T>();
+      T* db = dbias_t[tid].data_ptr<T>();
+      double acc = 0.0;
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const T dz = ds[i * ldd + j] * (dpp[i * cols + j] - dl[r0 + i]);
+          acc += static_cast<double>(dz) * s[i * ld + j];
+          db[c0 + j] += dz;
+          ds[i * ldd + j] = sc * dz;  // grad_pass multiplies by Y / X
+        }
+      }
+      dscale[tid] += acc;
+    });
+    double dsc = 0.0;
+    for (double d : dscale) dsc += d;
+    std::vector<Tensor> res{grads.first, grads.second, dv_t.sum(0), at::full({}, dsc, x.options())};
+    if (bias.has_value()) res.push_back(dbias_t.sum(0));
+    return res;
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
@@ -563,4 +678,6 @@ TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
   m.def("ms_mine", &ms_mine);
   m.def("ms_fwd", &ms_fwd);
   m.def("ms_bwd", &ms_bwd);
+  m.def("softmax_matmul_fwd", &softmax_matmul_fwd);
+  m.def("softmax_matmul_bwd", &softmax_matmul_bwd);
 }

@@ -74,6 +74,19 @@ class CpuKernels:
                                    base, epsilon, min_pos, max_neg, pos_lse, neg_lse, g))
 
 
+    def softmax_matmul_fwd(self, x, y, v, scale, bias):
+        x, y = _native(x), _native(y)
+        return tuple(_ops().softmax_matmul_fwd(x, y, v.to(x.dtype).contiguous(), scale,
+                                               _c(bias)))
+
+    def softmax_matmul_bwd(self, x, y, v, scale, bias, out, lse, g_out):
+        x, y = _native(x), _native(y)
+        res = _ops().softmax_matmul_bwd(x, y, v.to(x.dtype).contiguous(), scale, _c(bias),
+                                        out.contiguous(), lse.contiguous(),
+                                        g_out.to(x.dtype).contiguous())
+        return res[0], res[1], res[2], res[3], (res[4] if bias is not None else None)
+
+
 def _availability():
     return _ext.cpu_ext_unavailable_reason()
 
@@ -85,5 +98,6 @@ CPU = register_fused_backend(
     dtypes={torch.float32, torch.float64, torch.float16, torch.bfloat16},
     kernels=CpuKernels(),
     availability=_availability,
-    ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity"],
+    ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity",
+         "pairwise_softmax_matmul", "ot_softmin", "ot_grad", "ot_plan_matmul"],
 )

@@ -244,6 +244,99 @@ def _similarity_topk(kernels):
     return similarity_topk
 
 
+# ----------------------------------------------------------------------------- Sinkhorn kernels
+# For p=2, -C_ij/ε = (s_ij − ½‖y_j‖²)/ε − ½‖x_i‖²/ε, and for cosine -C_ij/ε = (s_ij − 1)/ε:
+# the soft c-transform is a dot-product LSE with a column bias (contrastive_fwd), and the
+# softmax-weighted sums of the gradient and of π·v are softmax_matmul_fwd.  p=1 (‖x − y‖) is not
+# a dot product: it runs as row blocks of an explicit cost tile (O(block·M), never N×M).
+
+_OT_BLOCK = 256
+
+
+def _ot_bias(y, h, eps, cost):
+    if cost == "p2":
+        return h - 0.5 * (y * y).sum(-1) / eps
+    return h - 1.0 / eps  # cosine
+
+
+def _p1_rows(x, y, h, eps):
+    """Row blocks of (w, dist, sq) for the p=1 cost (GeomLoss: sqrt(clamp_min(sq, 1e-8)))."""
+    for a in range(0, x.shape[0], _OT_BLOCK):
+        xb = x[a:a + _OT_BLOCK]
+        sq = (xb * xb).sum(-1)[:, None] - 2 * xb @ y.T + (y * y).sum(-1)[None, :]
+        dist = torch.sqrt(torch.clamp_min(sq, 1e-8))
+        yield a, xb, torch.softmax(h[None, :] - dist / eps, dim=1), dist, sq
+
+
+def _ot_softmin(kernels):
+    def ot_softmin(x, y, h, eps, cost):
+        out = []
+        for xb, yb, hb in zip(x, y, h):
+            if cost == "p1":
+                f = torch.empty(xb.shape[0], dtype=xb.dtype, device=xb.device)
+                for a in range(0, xb.shape[0], _OT_BLOCK):
+                    xa = xb[a:a + _OT_BLOCK]
+                    sq = (xa * xa).sum(-1)[:, None] - 2 * xa @ yb.T + (yb * yb).sum(-1)[None, :]
+                    dist = torch.sqrt(torch.clamp_min(sq, 1e-8))
+                    f[a:a + _OT_BLOCK] = -eps * torch.logsumexp(hb[None, :] - dist / eps, dim=1)
+                out.append(f)
+                continue
+            scale = torch.tensor(1.0 / eps, dtype=xb.dtype, device=xb.device)
+            mask = PairMask(n_keys=yb.shape[0], no_positives=True)
+            lse = kernels.contrastive_fwd(xb.contiguous(), yb.contiguous(), scale,
+                                          _ot_bias(yb, hb, eps, cost).contiguous(), mask,
+                                          False)[0]
+            f = -eps * lse
+            if cost == "p2":
+                f = f + 0.5 * (xb * xb).sum(-1)
+            out.append(f)
+        return torch.stack(out)
+
+    return ot_softmin
+
+
+def _ot_weighted(kernels, x, y, h, eps, cost, v):
+    scale = torch.tensor(1.0 / eps, dtype=x.dtype, device=x.device)
+    return kernels.softmax_matmul_fwd(x.contiguous(), y.contiguous(), v.contiguous(), scale,
+                                      _ot_bias(y, h, eps, cost).contiguous())[0]
+
+
+def _ot_grad(kernels):
+    def ot_grad(x, y, h, eps, cost):
+        out = []
+        for xb, yb, hb in zip(x, y, h):
+            if cost == "p1":
+                g = torch.empty_like(xb)
+                for a, xa, w, _dist, sq in _p1_rows(xb, yb, hb, eps):
+                    inv = torch.where(sq > 1e-8, torch.rsqrt(torch.clamp_min(sq, 1e-8)),
+                                      torch.zeros_like(sq))
+                    wi = w * inv
+                    g[a:a + xa.shape[0]] = wi.sum(-1, keepdim=True) * xa - wi @ yb
+                out.append(g)
+                continue
+            wy = _ot_weighted(kernels, xb, yb, hb, eps, cost, yb)
+            out.append(xb - wy if cost == "p2" else -wy)
+        return torch.stack(out)
+
+    return ot_grad
+
+
+def _ot_plan_matmul(kernels):
+    def ot_plan_matmul(x, y, h, eps, cost, v):
+        out = []
+        for xb, yb, hb, vb in zip(x, y, h, v):
+            if cost == "p1":
+                o = torch.empty(xb.shape[0], vb.shape[1], dtype=xb.dtype, device=xb.device)
+                for a, xa, w, _dist, _sq in _p1_rows(xb, yb, hb, eps):
+                    o[a:a + xa.shape[0]] = w @ vb
+                out.append(o)
+                continue
+            out.append(_ot_weighted(kernels, xb, yb, hb, eps, cost, vb))
+        return torch.stack(out)
+
+    return ot_plan_matmul
+
+
 OP_BUILDERS: dict[str, Callable] = {
     "info_nce": _info_nce,
     "pairwise_logsumexp": _pairwise_logsumexp,
@@ -251,6 +344,9 @@ OP_BUILDERS: dict[str, Callable] = {
     "multi_similarity": _multi_similarity,
     "pairwise_softmax_matmul": _pairwise_softmax_matmul,
     "similarity_topk": _similarity_topk,
+    "ot_softmin": _ot_softmin,
+    "ot_grad": _ot_grad,
+    "ot_plan_matmul": _ot_plan_matmul,
 }
 
 

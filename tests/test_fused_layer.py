@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import test_losses as T
+import test_sinkhorn as TS
 import torch
 
 from fused_losses import _dispatch
@@ -54,3 +55,12 @@ def test_primitives(spec_backend):
             T.test_pairwise_logsumexp(spec_backend, CPU, ex, dim)
         T.test_similarity_topk(spec_backend, CPU, ex)
     T.test_pairwise_softmax_matmul(spec_backend, CPU)
+
+
+@pytest.mark.parametrize("case", range(len(TS.CASES)))
+def test_sinkhorn(spec_backend, case):
+    TS.test_matches_geomloss_value_and_gradients(spec_backend, CPU, case)
+
+
+def test_sinkhorn_fp32(spec_backend):
+    TS.test_fp32_within_spec_of_geomloss(spec_backend, CPU)
