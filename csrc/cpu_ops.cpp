@@ -668,6 +668,53 @@ std::vector<Tensor> softmax_matmul_bwd(Tensor x, Tensor y, Tensor v, Tensor scal
   });
 }
 
+// --------------------------------------------------------------------------------- top-k
+// Per row, a running list of the k best (value, column) merged with each tile row by a partial
+// sort; order: larger value first, ties to the smaller column.
+
+std::vector<Tensor> topk(Tensor x, Tensor y, int64_t k, bool exclude_diagonal) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  TORCH_CHECK(k >= 1 && k <= y.size(0), "k out of range");
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "topk", [&] {
+    using T = scalar_t;
+    const int64_t n = x.size(0);
+    Tensor values = at::empty({n, k}, x.options());
+    Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
+    T* vp = values.data_ptr<T>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    using Entry = std::pair<T, int64_t>;
+    auto better = [](const Entry& a, const Entry& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    std::vector<std::vector<Entry>> best(n);
+    for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                               const T* s, int64_t ld) {
+      for (int64_t i = 0; i < rows; ++i) {
+        std::vector<Entry>& b = best[r0 + i];
+        for (int64_t j = 0; j < cols; ++j) {
+          if (exclude_diagonal && c0 + j == r0 + i) continue;
+          b.emplace_back(s[i * ld + j], c0 + j);
+        }
+        if (static_cast<int64_t>(b.size()) > k) {
+          std::partial_sort(b.begin(), b.begin() + k, b.end(), better);
+          b.resize(k);
+        }
+      }
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<Entry>& b = best[i];
+      std::sort(b.begin(), b.end(), better);
+      for (int64_t t = 0; t < k; ++t) {
+        vp[i * k + t] = b[t].first;
+        ip[i * k + t] = b[t].second;
+      }
+    }
+    return std::vector<Tensor>{values, indices};
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
@@ -680,4 +727,5 @@ TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
   m.def("ms_bwd", &ms_bwd);
   m.def("softmax_matmul_fwd", &softmax_matmul_fwd);
   m.def("softmax_matmul_bwd", &softmax_matmul_bwd);
+  m.def("topk", &topk);
 }

@@ -87,6 +87,10 @@ class CpuKernels:
         return res[0], res[1], res[2], res[3], (res[4] if bias is not None else None)
 
 
+    def topk(self, x, y, k, exclude_diagonal):
+        return tuple(_ops().topk(_native(x), _native(y), k, exclude_diagonal))
+
+
 def _availability():
     return _ext.cpu_ext_unavailable_reason()
 
@@ -99,5 +103,6 @@ CPU = register_fused_backend(
     kernels=CpuKernels(),
     availability=_availability,
     ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity",
-         "pairwise_softmax_matmul", "ot_softmin", "ot_grad", "ot_plan_matmul"],
+         "pairwise_softmax_matmul", "similarity_topk", "ot_softmin", "ot_grad",
+         "ot_plan_matmul"],
 )

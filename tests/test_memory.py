@@ -1,0 +1,74 @@
+"""No N×N in fused paths (non-negotiable): peak memory measured, not assumed.
+
+Each case runs forward+backward in a fresh subprocess and compares its peak RSS growth (after
+the inputs exist and one small warm-up call has loaded everything) with the size of ONE N×N
+fp32 matrix.  The reference backend is measured too, as the control that shows the test can
+fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import supports
+
+import fused_losses as FL
+
+N, D = 8192, 32
+NN_BYTES = N * N * 4  # one N×N fp32 matrix: 256 MiB
+
+CHILD = r"""
+import json, resource, sys, torch
+import fused_losses as FL
+op, backend, n, d = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+x = torch.randn(n, d, requires_grad=True); y = torch.randn(n, d, requires_grad=True)
+labels = torch.randint(0, 64, (n,))
+def run(x, y, labels):
+    if op == "clip":
+        return FL.clip_loss(x, y, 10.0, backend=backend)
+    if op == "supcon":
+        return FL.sup_con(x, labels, backend=backend)
+    if op == "siglip":
+        return FL.siglip_loss(x, y, 10.0, -10.0, backend=backend)
+    if op == "ms":
+        return FL.multi_similarity(x, labels, backend=backend)
+    return FL.sinkhorn(x, y, n_iters=2, backend=backend)
+small = [t[:64].detach().requires_grad_() for t in (x, y)]
+run(small[0], small[1], labels[:64]).backward()  # warm-up: libraries, thread pools
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+run(x, y, labels).backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"extra_bytes": peak - base}))
+"""
+
+
+def _extra_bytes(op: str, backend: str, n: int = N, d: int = D) -> int:
+    proc = subprocess.run([sys.executable, "-c", CHILD, op, backend, str(n), str(d)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+OPS = {"clip": "info_nce", "supcon": "info_nce", "siglip": "siglip", "ms": "multi_similarity",
+       "sinkhorn": "ot_softmin"}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_cpu_backend_never_holds_an_nxn_matrix(op):
+    if "cpu" not in FL.available_backends():
+        pytest.fail("the cpu backend must be built for this test: "
+                    + str(FL.get_backend("cpu").availability()))
+    if not supports("cpu", OPS[op]):
+        pytest.skip(f"cpu does not implement {OPS[op]}")
+    extra = _extra_bytes(op, "cpu")
+    # Inputs, their grads and per-thread O(M·D) buffers are a few MiB at D=32.
+    assert extra < NN_BYTES / 8, f"{op}: peak grew by {extra / 2**20:.0f} MiB (N×N = 256 MiB)"
+
+
+def test_reference_control_does_hold_nxn():
+    """The measurement can fail: the reference (which materializes) exceeds one N×N."""
+    extra = _extra_bytes("clip", "reference", n=4096)
+    assert extra > 4096 * 4096 * 4, f"reference grew by only {extra / 2**20:.0f} MiB"
