@@ -112,170 +112,6 @@ Tensor sim_tile(const Tensor& x, const Tensor& y, int64_t r0, int64_t rows, int6
   return out;
 }
 
-template <typename T>
-std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T scale,
-                                         const optional<Tensor>& bias, const fl::PairMask& mask,
-                                         bool want_cols) {
-  const int64_t n = x.size(0), m = y.size(0), nk = mask.n_keys;
-  auto opts = x.options();
-  Tensor row_lse = at::empty({n}, opts), row_ps = at::empty({n}, opts),
-         row_pc = at::empty({n}, opts);
-  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  const int threads = at::get_num_threads();
-  // Per-thread column state: max, sum, pos_sum, pos_cnt for the nk key columns.
-  std::vector<std::vector<fl::Lse<T>>> col_state(want_cols ? threads : 0);
-  std::vector<std::vector<T>> col_ps(want_cols ? threads : 0), col_pc(want_cols ? threads : 0);
-  for (int t = 0; t < (want_cols ? threads : 0); ++t) {
-    col_state[t].assign(nk, fl::Lse<T>());
-    col_ps[t].assign(nk, T(0));
-    col_pc[t].assign(nk, T(0));
-  }
-  T* rl = row_lse.data_ptr<T>();
-  T* rps = row_ps.data_ptr<T>();
-  T* rpc = row_pc.data_ptr<T>();
-  at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
-    const int tid = at::get_thread_num();
-    Tensor buf = at::empty({kRowBlock, kColBlock}, opts);
-    std::vector<T> zb(kColBlock), cmax(kColBlock), csum(kColBlock);
-    std::vector<uint8_t> flags(kRowBlock * kColBlock);
-    std::vector<fl::Lse<T>> lse(kRowBlock);
-    for (int64_t blk = blo; blk < bhi; ++blk) {
-      const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
-      std::fill(lse.begin(), lse.end(), fl::Lse<T>());
-      std::fill(rps + r0, rps + r0 + rows, T(0));
-      std::fill(rpc + r0, rpc + r0 + rows, T(0));
-      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
-        const int64_t cols = std::min(kColBlock, m - c0);
-        Tensor s = sim_tile(x, y, r0, rows, c0, cols, buf);
-        T* z = s.data_ptr<T>();
-        fl::tile_flags(mask, r0, rows, c0, cols, flags.data(), kColBlock);
-        const bool cols_here = want_cols && c0 < nk;
-        const int64_t kc = cols_here ? std::min(cols, nk - c0) : 0;
-        fwd_tile_any(z, s.stride(0), rows, cols, scale, b ? b + c0 : nullptr, flags.data(),
-                     kColBlock, zb.data(), lse.data(), rps + r0, rpc + r0, kc,
-                     cols_here ? cmax.data() : nullptr, csum.data(),
-                     cols_here ? col_ps[tid].data() + c0 : nullptr,
-                     cols_here ? col_pc[tid].data() + c0 : nullptr);
-        for (int64_t j = 0; j < kc; ++j) col_state[tid][c0 + j].merge(cmax[j], csum[j]);
-      }
-      for (int64_t i = 0; i < rows; ++i) rl[r0 + i] = lse[i].value();
-    }
-  });
-  if (!want_cols) return {row_lse, row_ps, row_pc};
-  Tensor col_lse = at::empty({nk}, opts), cps = at::zeros({nk}, opts), cpc = at::zeros({nk}, opts);
-  T* cl = col_lse.data_ptr<T>();
-  T* cs = cps.data_ptr<T>();
-  T* cc = cpc.data_ptr<T>();
-  for (int64_t j = 0; j < nk; ++j) {
-    fl::Lse<T> acc;
-    for (int t = 0; t < threads; ++t) {
-      acc.merge(col_state[t][j].max, col_state[t][j].sum);
-      cs[j] += col_ps[t][j];
-      cc[j] += col_pc[t][j];
-    }
-    cl[j] = acc.value();
-  }
-  return {row_lse, row_ps, row_pc, col_lse, cps, cpc};
-}
-
-std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
-                                    optional<Tensor> labels, optional<Tensor> key_labels,
-                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
-                                    bool decoupled, bool no_positives, bool want_cols) {
-  // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
-  // parallel workers would not see a NoGradGuard).
-  x = x.detach();
-  y = y.detach();
-  check_pair(x, y);
-  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
-                        no_positives);
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
-    return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask, want_cols);
-  });
-}
-
-template <typename T>
-std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T scale,
-                                         const optional<Tensor>& bias, const fl::PairMask& mask,
-                                         const Tensor& row_lse, const Tensor& g_row,
-                                         const Tensor& g_rowpos, const optional<Tensor>& col_lse,
-                                         const optional<Tensor>& g_col,
-                                         const optional<Tensor>& g_colpos) {
-  const int64_t n = x.size(0), m = y.size(0), d = x.size(1), nk = mask.n_keys;
-  auto opts = x.options();
-  const int threads = at::get_num_threads();
-  Tensor dx = at::empty({n, d}, opts);
-  Tensor dy_t = at::zeros({threads, m, d}, opts);
-  Tensor dbias_t = at::zeros({threads, m}, opts);
-  std::vector<double> dscale_t(threads, 0.0);
-  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  const T* rl = row_lse.data_ptr<T>();
-  const T* gr = g_row.data_ptr<T>();
-  const T* grp = g_rowpos.data_ptr<T>();
-  const bool cols_on = col_lse.has_value();
-  const T* cl = cols_on ? col_lse->data_ptr<T>() : nullptr;
-  const T* gc = cols_on ? g_col->data_ptr<T>() : nullptr;
-  const T* gcp = cols_on ? g_colpos->data_ptr<T>() : nullptr;
-  at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
-    const int tid = at::get_thread_num();
-    Tensor buf = at::empty({kRowBlock, kColBlock}, opts);
-    Tensor dzbuf = at::empty({kRowBlock, kColBlock}, opts);
-    std::vector<uint8_t> flags(kRowBlock * kColBlock);
-    std::vector<T> colq(kColBlock), colp(kColBlock);
-    Tensor dy = dy_t[tid];
-    T* db = dbias_t[tid].data_ptr<T>();
-    double dscale = 0.0;
-    for (int64_t blk = blo; blk < bhi; ++blk) {
-      const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
-      Tensor dx_blk = dx.narrow(0, r0, rows);
-      dx_blk.zero_();
-      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
-        const int64_t cols = std::min(kColBlock, m - c0);
-        Tensor s = sim_tile(x, y, r0, rows, c0, cols, buf);
-        Tensor dz = dzbuf.narrow(0, 0, rows).narrow(1, 0, cols);
-        fl::tile_flags(mask, r0, rows, c0, cols, flags.data(), kColBlock);
-        const int64_t kc = cols_on && c0 < nk ? std::min(cols, nk - c0) : 0;
-        dscale += bwd_tile_any(s.data_ptr<T>(), s.stride(0), rows, cols, scale,
-                               b ? b + c0 : nullptr, flags.data(), kColBlock, rl + r0, gr + r0,
-                               grp + r0, kc, kc ? cl + c0 : nullptr, kc ? gc + c0 : nullptr,
-                               kc ? gcp + c0 : nullptr, dz.data_ptr<T>(), dz.stride(0),
-                               b ? db + c0 : nullptr, colq.data(), colp.data());
-        // dX_blk += scale·dZ·Y_tile ; dY_tile += scale·dZᵀ·X_blk (per-thread dY).
-        dx_blk.addmm_(dz, y.narrow(0, c0, cols), 1, scale);
-        Tensor dy_tile = dy.narrow(0, c0, cols);
-        dy_tile.addmm_(dz.t(), x.narrow(0, r0, rows), 1, scale);
-      }
-    }
-    dscale_t[tid] += dscale;
-  });
-  double dscale = 0.0;
-  for (double v : dscale_t) dscale += v;
-  Tensor dy = dy_t.sum(0);
-  Tensor dscale_out = at::full({}, dscale, opts);
-  if (!bias.has_value()) return {dx, dy, dscale_out};
-  return {dx, dy, dscale_out, dbias_t.sum(0)};
-}
-
-std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
-                                    optional<Tensor> labels, optional<Tensor> key_labels,
-                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
-                                    bool decoupled, bool no_positives, Tensor row_lse,
-                                    Tensor g_row, Tensor g_rowpos, optional<Tensor> col_lse,
-                                    optional<Tensor> g_col, optional<Tensor> g_colpos) {
-  // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
-  // parallel workers would not see a NoGradGuard).
-  x = x.detach();
-  y = y.detach();
-  check_pair(x, y);
-  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
-                        no_positives);
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd", [&] {
-    return contrastive_bwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask,
-                                          row_lse.contiguous(), g_row.contiguous(),
-                                          g_rowpos.contiguous(), col_lse, g_col, g_colpos);
-  });
-}
-
 // ---------------------------------------------------------------------------------------------
 // Generic passes shared by the losses below: a row-block tile loop, and a gradient pass that turns
 // a per-tile dS into dX = dS·Y and dY = dSᵀ·X (per-thread dY, summed at the end).
@@ -325,6 +161,146 @@ std::pair<Tensor, Tensor> grad_pass(const Tensor& x, const Tensor& y, G&& g) {
     }
   });
   return {dx, dy_t.sum(0)};
+}
+
+template <typename T>
+std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T scale,
+                                         const optional<Tensor>& bias, const fl::PairMask& mask,
+                                         bool want_cols) {
+  const int64_t n = x.size(0), nk = mask.n_keys;
+  auto opts = x.options();
+  const int threads = at::get_num_threads();
+  Tensor row_ps = at::zeros({n}, opts), row_pc = at::zeros({n}, opts);
+  T* rps = row_ps.data_ptr<T>();
+  T* rpc = row_pc.data_ptr<T>();
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  std::vector<fl::Lse<T>> rows_lse(n);  // a row block belongs to one thread
+  // Per-thread scratch and column state (max/sum, positive sum/count) for the key columns.
+  struct Scratch {
+    std::vector<T> z, zb, cmax, csum, cps, cpc;
+    std::vector<uint8_t> flags;
+    std::vector<fl::Lse<T>> cols;
+  };
+  std::vector<Scratch> sc(threads);
+  for (auto& t : sc) {
+    t.z.resize(kRowBlock * kColBlock);
+    t.zb.resize(kColBlock);
+    t.cmax.resize(kColBlock);
+    t.csum.resize(kColBlock);
+    t.flags.resize(kRowBlock * kColBlock);
+    if (want_cols) {
+      t.cps.assign(nk, T(0));
+      t.cpc.assign(nk, T(0));
+      t.cols.assign(nk, fl::Lse<T>());
+    }
+  }
+  for_each_tile<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                             const T* s, int64_t ld) {
+    Scratch& t = sc[tid];
+    for (int64_t i = 0; i < rows; ++i)  // z = s, scaled in place by fwd_tile
+      std::copy(s + i * ld, s + i * ld + cols, t.z.data() + i * kColBlock);
+    fl::tile_flags(mask, r0, rows, c0, cols, t.flags.data(), kColBlock);
+    const int64_t kc = want_cols && c0 < nk ? std::min(cols, nk - c0) : 0;
+    fwd_tile_any(t.z.data(), kColBlock, rows, cols, scale, b ? b + c0 : nullptr, t.flags.data(),
+                 kColBlock, t.zb.data(), rows_lse.data() + r0, rps + r0, rpc + r0, kc,
+                 kc ? t.cmax.data() : nullptr, t.csum.data(),
+                 kc ? t.cps.data() + c0 : nullptr, kc ? t.cpc.data() + c0 : nullptr);
+    for (int64_t j = 0; j < kc; ++j) t.cols[c0 + j].merge(t.cmax[j], t.csum[j]);
+  });
+  Tensor row_lse = at::empty({n}, opts);
+  for (int64_t i = 0; i < n; ++i) row_lse.data_ptr<T>()[i] = rows_lse[i].value();
+  if (!want_cols) return {row_lse, row_ps, row_pc};
+  Tensor col_lse = at::empty({nk}, opts), cps = at::zeros({nk}, opts), cpc = at::zeros({nk}, opts);
+  for (int64_t j = 0; j < nk; ++j) {
+    fl::Lse<T> acc;
+    for (int t = 0; t < threads; ++t) {
+      acc.merge(sc[t].cols[j].max, sc[t].cols[j].sum);
+      cps.data_ptr<T>()[j] += sc[t].cps[j];
+      cpc.data_ptr<T>()[j] += sc[t].cpc[j];
+    }
+    col_lse.data_ptr<T>()[j] = acc.value();
+  }
+  return {row_lse, row_ps, row_pc, col_lse, cps, cpc};
+}
+
+std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
+                                    optional<Tensor> labels, optional<Tensor> key_labels,
+                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
+                                    bool decoupled, bool no_positives, bool want_cols) {
+  // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
+  // parallel workers would not see a NoGradGuard).
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+                        no_positives);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
+    return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask, want_cols);
+  });
+}
+
+template <typename T>
+std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T scale,
+                                         const optional<Tensor>& bias, const fl::PairMask& mask,
+                                         const Tensor& row_lse, const Tensor& g_row,
+                                         const Tensor& g_rowpos, const optional<Tensor>& col_lse,
+                                         const optional<Tensor>& g_col,
+                                         const optional<Tensor>& g_colpos) {
+  const int64_t m = y.size(0), nk = mask.n_keys;
+  auto opts = x.options();
+  const int threads = at::get_num_threads();
+  Tensor dbias_t = at::zeros({threads, m}, opts);
+  std::vector<double> dscale_t(threads, 0.0);
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const T* rl = row_lse.data_ptr<T>();
+  const T* gr = g_row.data_ptr<T>();
+  const T* grp = g_rowpos.data_ptr<T>();
+  const bool cols_on = col_lse.has_value();
+  const T* cl = cols_on ? col_lse->data_ptr<T>() : nullptr;
+  const T* gc = cols_on ? g_col->data_ptr<T>() : nullptr;
+  const T* gcp = cols_on ? g_colpos->data_ptr<T>() : nullptr;
+  std::vector<std::vector<uint8_t>> flags(threads, std::vector<uint8_t>(kRowBlock * kColBlock));
+  std::vector<std::vector<T>> colq(threads, std::vector<T>(kColBlock)),
+      colp(threads, std::vector<T>(kColBlock));
+  auto grads = grad_pass<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0,
+                                      int64_t cols, const T* s, int64_t ld, T* dz,
+                                      int64_t ldz) {
+    fl::tile_flags(mask, r0, rows, c0, cols, flags[tid].data(), kColBlock);
+    const int64_t kc = cols_on && c0 < nk ? std::min(cols, nk - c0) : 0;
+    T* db = dbias_t[tid].data_ptr<T>();
+    dscale_t[tid] += bwd_tile_any(s, ld, rows, cols, scale, b ? b + c0 : nullptr,
+                                  flags[tid].data(), kColBlock, rl + r0, gr + r0, grp + r0, kc,
+                                  kc ? cl + c0 : nullptr, kc ? gc + c0 : nullptr,
+                                  kc ? gcp + c0 : nullptr, dz, ldz, b ? db + c0 : nullptr,
+                                  colq[tid].data(), colp[tid].data());
+    for (int64_t i = 0; i < rows; ++i)  // dX = scale·dZ·Y, dY = scale·dZᵀ·X
+      for (int64_t j = 0; j < cols; ++j) dz[i * ldz + j] *= scale;
+  });
+  double dscale = 0.0;
+  for (double v : dscale_t) dscale += v;
+  Tensor dscale_out = at::full({}, dscale, opts);
+  if (!bias.has_value()) return {grads.first, grads.second, dscale_out};
+  return {grads.first, grads.second, dscale_out, dbias_t.sum(0)};
+}
+
+std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
+                                    optional<Tensor> labels, optional<Tensor> key_labels,
+                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
+                                    bool decoupled, bool no_positives, Tensor row_lse,
+                                    Tensor g_row, Tensor g_rowpos, optional<Tensor> col_lse,
+                                    optional<Tensor> g_col, optional<Tensor> g_colpos) {
+  // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
+  // parallel workers would not see a NoGradGuard).
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+                        no_positives);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd", [&] {
+    return contrastive_bwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask,
+                                          row_lse.contiguous(), g_row.contiguous(),
+                                          g_rowpos.contiguous(), col_lse, g_col, g_colpos);
+  });
 }
 
 // ------------------------------------------------------------------------------ SigLIP

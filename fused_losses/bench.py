@@ -80,10 +80,10 @@ def _available_ram() -> float:
     return 8e9
 
 
-def _flops(op: str, n: int, d: int) -> float:
-    """Algorithmic minimum for fused fwd+bwd: 4 passes of 2·N²·D (forward, and the backward's
-    recompute, dX and dY GEMMs)."""
-    return 4 * 2.0 * n * n * d
+def _flops(op: str, n: int, d: int):
+    """Fused fwd+bwd of the similarity losses: 4 passes of 2·N²·D (forward; the backward's
+    recompute, dX and dY GEMMs).  None for Sinkhorn, whose pass count depends on the schedule."""
+    return None if op == "sinkhorn" else 4 * 2.0 * n * n * d
 
 
 def run_case(op, backend, n, d, dtype, repeats, timeout) -> dict:
@@ -105,7 +105,8 @@ def run_case(op, backend, n, d, dtype, repeats, timeout) -> dict:
         row.update(status=f"failed: {last[:120]}")
         return row
     row.update(json.loads(proc.stdout.strip().splitlines()[-1]), status="ok")
-    row["gflops"] = _flops(op, n, d) / row["median_s"] / 1e9
+    flops = _flops(op, n, d)
+    row["gflops"] = None if flops is None else flops / row["median_s"] / 1e9
     return row
 
 
@@ -127,13 +128,17 @@ def machine_info() -> dict:
             "backends": fused_losses.available_backends()}
 
 
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
 def table(rows) -> str:
     out = ["| op | backend | N | D | dtype | median s | GFLOP/s | peak extra MB | status |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = r.get("status") == "ok"
         out.append(f"| {r['op']} | {r['backend']} | {r['N']} | {r['D']} | {r['dtype']} | "
-                   f"{r['median_s']:.3f} | {r['gflops']:.1f} | {r['peak_extra_mb']:.0f} | ok |"
+                   f"{r['median_s']:.3f} | {_fmt(r['gflops'])} | {r['peak_extra_mb']:.0f} | ok |"
                    if ok else
                    f"| {r['op']} | {r['backend']} | {r['N']} | {r['D']} | {r['dtype']} | – | – "
                    f"| – | {r['status']} |")
