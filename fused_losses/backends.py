@@ -6,5 +6,5 @@ from __future__ import annotations
 
 import importlib
 
-for _module in ("fused_losses.cpu_backend",):
+for _module in ("fused_losses.cpu_backend", "fused_losses.triton_backend"):
     importlib.import_module(_module)

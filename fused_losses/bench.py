@@ -23,10 +23,41 @@ import torch
 OPS = ("clip", "siglip", "supcon", "ms", "sinkhorn")
 
 
-def _case_body(op: str, backend: str, n: int, d: int, dtype: str, repeats: int) -> dict:
-    """Run in the child: build inputs, measure baseline RSS, time fwd+bwd, report peak RSS."""
-    import resource
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
+
+class PeakRSS:
+    """Peak resident memory growth of this process over a region, in bytes.
+
+    Not ``ru_maxrss``: Linux keeps that across ``exec``, so a child started from a large parent
+    inherits the parent's peak and would report no growth.  ``VmHWM`` belongs to the address
+    space (fresh after exec) and is reset to the current RSS through ``/proc/self/clear_refs``.
+    """
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the high-water mark to the current RSS
+        except OSError:
+            pass
+        self.start = _proc_status_kb("VmRSS")
+        self.start_hwm = _proc_status_kb("VmHWM")
+        return self
+
+    def __exit__(self, *exc):
+        peak = _proc_status_kb("VmHWM")
+        # If the reset was refused, the growth is measured above the previous high-water mark.
+        self.extra_bytes = max(0, peak - max(self.start, self.start_hwm)) * 1024
+        return False
+
+
+def _case_body(op: str, backend: str, n: int, d: int, dtype: str, repeats: int) -> dict:
+    """Run in the child: build inputs, time fwd+bwd, report the peak memory growth."""
     import fused_losses as FL
 
     dt = getattr(torch, dtype)
@@ -50,17 +81,16 @@ def _case_body(op: str, backend: str, n: int, d: int, dtype: str, repeats: int) 
         x.grad = y.grad = None
         return loss
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up (first-call allocations, thread pools)
+    with PeakRSS() as mem:
+        step()  # the first call also measures memory (warm-up for the timed calls)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times.sort()
     return {"median_s": times[len(times) // 2], "min_s": times[0],
-            "peak_extra_mb": (peak - base) / 1024.0}
+            "peak_extra_mb": mem.extra_bytes / 2**20}
 
 
 def _estimate_bytes(op: str, backend: str, n: int, d: int) -> float:

@@ -204,6 +204,9 @@ def test_info_nce_extreme_temperature(backend, device, temperature):
         def fn(b, q, k):
             return FL.clip_loss(q, k, 1.0 / temperature, backend=b)
 
+        # Logits reach 1/t; their fp32 spacing (6e-8/t) bounds what any fp32 kernel can
+        # reach, so the fp32 tolerance grows with it (2e-5 at t=1e-3, the SPEC 1e-5 above it).
+        tol = max(tol_for(dtype), 2e-8 / temperature) if dtype == torch.float32 else None
         check_against_reference(
             backend,
             device,
@@ -211,6 +214,7 @@ def test_info_nce_extreme_temperature(backend, device, temperature):
             fn,
             [q, k],
             f"clip t={temperature} {dtype} seed={gen.initial_seed()}",
+            tol=tol,
         )
 
 

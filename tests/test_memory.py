@@ -1,8 +1,8 @@
 """No N×N in fused paths (non-negotiable): peak memory measured, not assumed.
 
-Each case runs forward+backward in a fresh subprocess and compares its peak RSS growth (after
-the inputs exist and one small warm-up call has loaded everything) with the size of ONE N×N
-fp32 matrix.  The reference backend is measured too, as the control that shows the test can
+Each case runs forward+backward in a fresh subprocess and compares its peak RSS growth (VmHWM,
+after the inputs exist and one small warm-up call has loaded everything; see bench.PeakRSS for
+why not ru_maxrss) with the size of ONE N×N fp32 matrix.  The reference backend is measured too, as the control that shows the test can
 fail."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ N, D = 8192, 32
 NN_BYTES = N * N * 4  # one N×N fp32 matrix: 256 MiB
 
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 import fused_losses as FL
+from fused_losses.bench import PeakRSS
 op, backend, n, d = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 x = torch.randn(n, d, requires_grad=True); y = torch.randn(n, d, requires_grad=True)
@@ -38,10 +39,9 @@ def run(x, y, labels):
     return FL.sinkhorn(x, y, n_iters=2, backend=backend)
 small = [t[:64].detach().requires_grad_() for t in (x, y)]
 run(small[0], small[1], labels[:64]).backward()  # warm-up: libraries, thread pools
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-run(x, y, labels).backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"extra_bytes": peak - base}))
+with PeakRSS() as mem:
+    run(x, y, labels).backward()
+print(json.dumps({"extra_bytes": mem.extra_bytes}))
 """
 
 
