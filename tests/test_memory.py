@@ -2,8 +2,8 @@
 
 Each case runs forward+backward in a fresh subprocess and compares its peak RSS growth (VmHWM,
 after the inputs exist and one small warm-up call has loaded everything; see bench.PeakRSS for
-why not ru_maxrss) with the size of ONE N×N fp32 matrix.  The reference backend is measured too, as the control that shows the test can
-fail."""
+why not ru_maxrss) with the size of ONE N×N fp32 matrix.  The reference backend is measured
+too, as the control that shows the test can fail."""
 
 from __future__ import annotations
 
