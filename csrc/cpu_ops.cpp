@@ -24,15 +24,28 @@ using c10::optional;
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kColBlock = 512;
 
-fl::PairMask make_mask(const optional<Tensor>& labels, const optional<Tensor>& key_labels,
-                       int64_t n_keys, int64_t offset, bool exclude_diagonal, bool decoupled,
-                       bool no_positives) {
+// A per-row/per-column vector argument read through a raw pointer: it must have exactly the
+// length the loops index (these ops are public in torch.ops, so a bad call must not read past it).
+void check_vector(const Tensor& t, int64_t len, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == len, name,
+              " must be a CPU vector of length ", len, ", got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_bias(const optional<Tensor>& bias, const Tensor& x, const Tensor& y) {
+  if (bias.has_value()) check_vector(*bias, y.size(0), x.scalar_type(), "bias");
+}
+
+fl::PairMask make_mask(const Tensor& x, const Tensor& y, const optional<Tensor>& labels,
+                       const optional<Tensor>& key_labels, int64_t n_keys, int64_t offset,
+                       bool exclude_diagonal, bool decoupled, bool no_positives) {
+  TORCH_CHECK(n_keys >= 0 && n_keys <= y.size(0), "n_keys must be in [0, M]");
   fl::PairMask m;
   if (labels.has_value()) {
     TORCH_CHECK(key_labels.has_value(), "key_labels required with labels");
-    TORCH_CHECK(labels->scalar_type() == at::kLong && key_labels->scalar_type() == at::kLong,
-                "labels must be int64");
-    TORCH_CHECK(labels->is_contiguous() && key_labels->is_contiguous(), "labels contiguous");
+    check_vector(*labels, x.size(0), at::kLong, "labels");
+    check_vector(*key_labels, n_keys, at::kLong, "key_labels");
     m.labels = labels->data_ptr<int64_t>();
     m.key_labels = key_labels->data_ptr<int64_t>();
   }
@@ -232,7 +245,8 @@ std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<T
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+  check_bias(bias, x, y);
+  auto mask = make_mask(x, y, labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
                         no_positives);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
     return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask, want_cols);
@@ -294,7 +308,8 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  auto mask = make_mask(labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+  check_bias(bias, x, y);
+  auto mask = make_mask(x, y, labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
                         no_positives);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd", [&] {
     return contrastive_bwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask,
@@ -385,10 +400,10 @@ inline int ms_flags(const MsArgs& a, int64_t gi, int64_t gj) {
   return a.labels[gi] == a.ref_labels[gj] ? 1 : 2;
 }
 
-MsArgs ms_args(const Tensor& labels, const Tensor& ref_labels, int64_t offset, bool exclude_self) {
-  TORCH_CHECK(labels.scalar_type() == at::kLong && ref_labels.scalar_type() == at::kLong &&
-                  labels.is_contiguous() && ref_labels.is_contiguous(),
-              "labels must be contiguous int64");
+MsArgs ms_args(const Tensor& x, const Tensor& y, const Tensor& labels, const Tensor& ref_labels,
+               int64_t offset, bool exclude_self) {
+  check_vector(labels, x.size(0), at::kLong, "labels");
+  check_vector(ref_labels, y.size(0), at::kLong, "ref_labels");
   return {labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), offset, exclude_self};
 }
 
@@ -397,7 +412,7 @@ std::vector<Tensor> ms_mine(Tensor x, Tensor y, Tensor labels, Tensor ref_labels
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  const MsArgs a = ms_args(labels, ref_labels, offset, exclude_self);
+  const MsArgs a = ms_args(x, y, labels, ref_labels, offset, exclude_self);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_mine", [&] {
     using T = scalar_t;
     const T inf = std::numeric_limits<T>::infinity();
@@ -442,7 +457,7 @@ std::vector<Tensor> ms_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  const MsArgs a = ms_args(labels, ref_labels, offset, exclude_self);
+  const MsArgs a = ms_args(x, y, labels, ref_labels, offset, exclude_self);
   const bool mining = epsilon.has_value();
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_fwd", [&] {
     using T = scalar_t;
@@ -498,7 +513,7 @@ std::vector<Tensor> ms_bwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  const MsArgs a = ms_args(labels, ref_labels, offset, exclude_self);
+  const MsArgs a = ms_args(x, y, labels, ref_labels, offset, exclude_self);
   const bool mining = epsilon.has_value();
   g = g.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_bwd", [&] {
@@ -541,6 +556,7 @@ std::vector<Tensor> softmax_matmul_fwd(Tensor x, Tensor y, Tensor v, Tensor scal
   check_pair(x, y);
   TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.scalar_type() == x.scalar_type(),
               "v must be (M, E) in the dtype of x");
+  check_bias(bias, x, y);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_matmul_fwd", [&] {
     using T = scalar_t;
     const T sc = scale.item<T>();

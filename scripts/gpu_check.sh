@@ -27,8 +27,13 @@ run build python -m pip install -e . --no-build-isolation --no-deps
 run build_info python -c "import fused_losses, fused_losses._C as C; print(C.build_info()); print('backends:', fused_losses.available_backends())"
 run tests python -m pytest -q -ra -m "not slow" --junitxml="$out/tests.xml"
 run tests_gpu_marked python -m pytest -q -ra -m gpu --junitxml="$out/tests_gpu.xml"
-if python -c "import fused_losses; fused_losses.get_backend('cuda')" 2>/dev/null; then
-  run sanitizer compute-sanitizer --tool memcheck python -m pytest -q -x tests -k "cuda and not large"
+# memcheck is 10-100x slower: only the small-shape CUDA tests, and bounded in time.  rc=5 means
+# no test matched (fine); the log says which ran.
+if python -c "import fused_losses, sys; sys.exit(fused_losses.get_backend('cuda').availability() is not None)" 2>/dev/null; then
+  run sanitizer timeout "${SANITIZER_TIMEOUT:-600}" compute-sanitizer --tool memcheck \
+    --error-exitcode 99 python -m pytest -q -x tests -k "cuda and small"
+else
+  echo "- sanitizer: skipped (cuda backend not available)" >> "$summary"
 fi
 if python -c "import fused_losses.bench" 2>/dev/null; then
   run bench python -m fused_losses.bench --device cuda --out "$out"

@@ -25,12 +25,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import backends_under_test, device_for  # noqa: E402
+from helpers import backends_under_test, device_for, supports  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_op(*ops): run only for backends that implement these ops")
+    config.addinivalue_line("markers", "cpu_device: run only for backends that run on the CPU")
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", backends_under_test())
+    """``backend``: every available backend that implements the ops the test is marked with
+    (a backend without the op gets no test case, rather than a skipped one)."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    names = backends_under_test()
+    marker = metafunc.definition.get_closest_marker("requires_op")
+    if marker is not None:
+        names = [b for b in names if all(supports(b, op) for op in marker.args)]
+    if metafunc.definition.get_closest_marker("cpu_device") is not None:
+        names = [b for b in names if device_for(b).type == "cpu"]
+    metafunc.parametrize("backend", names)
 
 
 @pytest.fixture

@@ -138,9 +138,8 @@ INFO_NCE_VARIANTS = [
 
 @pytest.mark.parametrize("variant", range(len(INFO_NCE_VARIANTS)))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.requires_op("info_nce")
 def test_info_nce(backend, device, variant, reduction):
-    if not supports(backend, "info_nce"):
-        pytest.skip(f"{backend} does not implement info_nce")
     opts = dict(INFO_NCE_VARIANTS[variant])
     gen = seeded()
     for (n, m, d), dtype in cases(backend):
@@ -193,9 +192,8 @@ def test_info_nce(backend, device, variant, reduction):
 
 
 @pytest.mark.parametrize("temperature", [1e-3, 0.05, 1e3])
+@pytest.mark.requires_op("info_nce")
 def test_info_nce_extreme_temperature(backend, device, temperature):
-    if not supports(backend, "info_nce"):
-        pytest.skip(f"{backend} does not implement info_nce")
     gen = seeded()
     for dtype in dtypes_for(backend):
         q = randn(17, 33, gen=gen, requires_grad=True)
@@ -218,10 +216,9 @@ def test_info_nce_extreme_temperature(backend, device, temperature):
         )
 
 
+@pytest.mark.requires_op("info_nce")
 def test_info_nce_unnormalized_large_logits(backend, device):
     """|z| up to 1e4 without overflow: no fixed max of 1/τ may be assumed."""
-    if not supports(backend, "info_nce"):
-        pytest.skip(f"{backend} does not implement info_nce")
     gen = seeded()
     q = randn(9, 16, gen=gen, scale=25.0, requires_grad=True)
     k = randn(11, 16, gen=gen, scale=25.0, requires_grad=True)
@@ -234,10 +231,9 @@ def test_info_nce_unnormalized_large_logits(backend, device):
     )
 
 
+@pytest.mark.requires_op("info_nce")
 def test_info_nce_no_positives(backend, device):
     """Anchors whose label has no match are excluded; all-excluded gives 0, not NaN."""
-    if not supports(backend, "info_nce"):
-        pytest.skip(f"{backend} does not implement info_nce")
     gen = seeded()
     q = randn(6, 8, gen=gen, requires_grad=True, device=device)
     labels = torch.arange(6, device=device)  # every class appears once: no positive anywhere
@@ -287,9 +283,8 @@ def test_nt_xent_sup_con_siglip(backend, device):
 
 
 @pytest.mark.parametrize("epsilon", [0.1, None])
+@pytest.mark.requires_op("multi_similarity")
 def test_multi_similarity(backend, device, epsilon):
-    if not supports(backend, "multi_similarity"):
-        pytest.skip(f"{backend} does not implement multi_similarity")
     gen = seeded()
     for (n, m, d), dtype in cases(backend):
         e = randn(n, d, gen=gen, requires_grad=True)
@@ -330,9 +325,8 @@ def test_multi_similarity(backend, device, epsilon):
 
 @pytest.mark.parametrize("exclude_diagonal", [False, True])
 @pytest.mark.parametrize("dim", [1, 0])
+@pytest.mark.requires_op("pairwise_logsumexp")
 def test_pairwise_logsumexp(backend, device, exclude_diagonal, dim):
-    if not supports(backend, "pairwise_logsumexp"):
-        pytest.skip(f"{backend} does not implement pairwise_logsumexp")
     gen = seeded()
     for (n, m, d), dtype in cases(backend):
         if exclude_diagonal:
@@ -356,9 +350,8 @@ def test_pairwise_logsumexp(backend, device, exclude_diagonal, dim):
         )
 
 
+@pytest.mark.requires_op("pairwise_softmax_matmul")
 def test_pairwise_softmax_matmul(backend, device):
-    if not supports(backend, "pairwise_softmax_matmul"):
-        pytest.skip(f"{backend} does not implement pairwise_softmax_matmul")
     gen = seeded()
     for (n, m, d), dtype in cases(backend):
         x = randn(n, d, gen=gen, requires_grad=True, scale=d**-0.5)
@@ -378,9 +371,8 @@ def test_pairwise_softmax_matmul(backend, device):
 
 
 @pytest.mark.parametrize("exclude_diagonal", [False, True])
+@pytest.mark.requires_op("similarity_topk")
 def test_similarity_topk(backend, device, exclude_diagonal):
-    if not supports(backend, "similarity_topk"):
-        pytest.skip(f"{backend} does not implement similarity_topk")
     gen = seeded()
     for n, m, d in shapes_for(backend):
         if exclude_diagonal:

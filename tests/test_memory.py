@@ -61,8 +61,7 @@ def test_cpu_backend_never_holds_an_nxn_matrix(op):
     if "cpu" not in FL.available_backends():
         pytest.fail("the cpu backend must be built for this test: "
                     + str(FL.get_backend("cpu").availability()))
-    if not supports("cpu", OPS[op]):
-        pytest.skip(f"cpu does not implement {OPS[op]}")
+    assert supports("cpu", OPS[op]), f"the cpu backend must implement {OPS[op]}"
     extra = _extra_bytes(op, "cpu")
     # Inputs, their grads and per-thread O(M·D) buffers are a few MiB at D=32.
     assert extra < NN_BYTES / 8, f"{op}: peak grew by {extra / 2**20:.0f} MiB (N×N = 256 MiB)"

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel, randn, seeded, supports
+from helpers import assert_rel, randn, seeded
 
 import fused_losses as FL
 
 
+@pytest.mark.requires_op("info_nce", "siglip", "multi_similarity")
 def test_modules_match_functional(backend, device):
     gen = seeded()
     a = randn(9, 6, gen=gen, device=device)
     b = randn(9, 6, gen=gen, device=device)
     lab = torch.randint(0, 3, (9,), generator=gen).to(device)
-    if not all(supports(backend, op) for op in ("info_nce", "siglip", "multi_similarity")):
-        pytest.skip(f"{backend} does not implement every loss yet")
     assert_rel(FL.InfoNCELoss(0.2, backend=backend)(a, b),
                FL.info_nce(a, b, temperature=0.2, backend=backend), 1e-6, "InfoNCELoss")
     assert_rel(FL.ClipLoss(backend=backend)(a, b, 10.0),
@@ -30,12 +29,11 @@ def test_modules_match_functional(backend, device):
                FL.siglip_loss(a, b, 10.0, -10.0, backend=backend), 1e-5, "SigLipLoss")
 
 
+@pytest.mark.requires_op("info_nce", "siglip")
 def test_learnable_parameters_get_gradients(backend, device):
     gen = seeded()
     a = randn(9, 6, gen=gen, device=device)
     b = randn(9, 6, gen=gen, device=device)
-    if not supports(backend, "siglip"):
-        pytest.skip(f"{backend} does not implement siglip yet")
     for mod in (FL.InfoNCELoss(0.1, learnable_temperature=True, backend=backend),
                 FL.ClipLoss(backend=backend), FL.SigLipLoss(backend=backend)):
         mod = mod.to(device)
@@ -64,10 +62,10 @@ def test_torch_compile_reference():
         assert_rel(x, y, 1e-5, "compiled grad")
 
 
+@pytest.mark.cpu_device
+@pytest.mark.requires_op("info_nce")
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16])
 def test_autocast_cpu(backend, device, amp_dtype):
-    if device.type != "cpu":
-        pytest.skip("CPU autocast case; the GPU suite covers CUDA autocast")
     gen = seeded()
     lin = torch.nn.Linear(8, 8)
     a = randn(12, 8, gen=gen)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_rel, randn, seeded, supports
+from helpers import assert_rel, randn, seeded
 
 import fused_losses as FL
 
@@ -56,9 +56,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.requires_op("ot_softmin")
 def test_matches_geomloss_value_and_gradients(backend, device, case):
-    if not supports(backend, "ot_softmin"):
-        pytest.skip(f"{backend} does not implement the OT kernels")
     c = dict(CASES[case])
     gen = seeded()
     x, y, a, b = _pair(c["n"], c["m"], c["d"], gen, c.get("batch"), c.get("weights", False),
@@ -80,9 +79,8 @@ def test_matches_geomloss_value_and_gradients(backend, device, case):
         assert_rel(g_ours, g_theirs, 1e-9, what + " grad")
 
 
+@pytest.mark.requires_op("ot_softmin")
 def test_fp32_within_spec_of_geomloss(backend, device):
-    if not supports(backend, "ot_softmin"):
-        pytest.skip(f"{backend} does not implement the OT kernels")
     gen = seeded()
     x, y, _, _ = _pair(40, 33, 5, gen)
     theirs = _geomloss(x, y, None, None, p=2, blur=0.05)
