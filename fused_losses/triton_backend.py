@@ -221,7 +221,9 @@ if triton is not None:
             dscale += tl.sum(dz * s, 1)
             bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
                          mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
-            acc += tl.dot(dz.to(bv.dtype), bv, allow_tf32=ALLOW_TF32)
+            # dZ stays fp32 here: its rows nearly cancel, and rounding it to fp16/bf16 first
+            # (the flash-attention speed path) costs digits; revisit with GPU measurements.
+            acc += tl.dot(dz, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
         tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc * scale,
                  mask=rmask[:, None] & (dso[None, :] < d))
         tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
