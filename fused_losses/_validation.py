@@ -17,8 +17,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_features(name: str, t: Any, ndim: int | tuple[int, ...] = 2) -> torch.Tensor:
-    """A floating-point feature tensor of the given rank(s), with at least one row."""
+def check_features(
+    name: str, t: Any, ndim: int | tuple[int, ...] = 2, min_rows: int = 1
+) -> torch.Tensor:
+    """A floating-point feature tensor of the given rank(s), with at least ``min_rows`` rows
+    (0 only for one rank's share of a distributed batch)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     dims = (ndim,) if isinstance(ndim, int) else ndim
@@ -30,7 +33,7 @@ def check_features(name: str, t: Any, ndim: int | tuple[int, ...] = 2) -> torch.
             f"{name} has unsupported dtype {t.dtype}; expected one of float16, bfloat16, "
             "float32, float64"
         )
-    if t.shape[-2] < 1:
+    if t.shape[-2] < min_rows:
         raise ValueError(f"{name} must have at least one row, got shape {tuple(t.shape)}")
     if t.shape[-1] < 1:
         raise ValueError(

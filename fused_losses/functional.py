@@ -35,9 +35,14 @@ __all__ = [
 # shared helpers
 
 
-def _pair(x_name, x, y_name, y):
-    V.check_features(x_name, x)
-    V.check_features(y_name, y)
+def _min_rows(process_group) -> int:
+    # One rank's share of a distributed batch may be empty (the global batch may not).
+    return 1 if process_group is None else 0
+
+
+def _pair(x_name, x, y_name, y, process_group=None):
+    V.check_features(x_name, x, min_rows=_min_rows(process_group))
+    V.check_features(y_name, y, min_rows=_min_rows(process_group))
     V.check_same_dim(x_name, x, y_name, y)
     V.check_same_device(**{x_name: x, y_name: y})
     V.check_same_dtype(**{x_name: x, y_name: y})
@@ -198,7 +203,7 @@ def info_nce(
     anchors over the queries (extra negatives play no part in it); with ``reduction="none"`` it
     needs N == M.  Returns fp32 for fp16/bf16/fp32 inputs, fp64 for fp64.
     """
-    _pair("query", query, "key", key)
+    _pair("query", query, "key", key, process_group)
     n, m = query.shape[0], key.shape[0]
     for name, flag in (
         ("symmetric", symmetric),
@@ -212,7 +217,7 @@ def info_nce(
     if labels is None:
         if key_labels is not None:
             raise ValueError("key_labels was given without labels; pass labels for the queries too")
-        if m < n:
+        if m < n and process_group is None:  # distributed: checked on the global counts
             raise ValueError(
                 f"without labels the positive of query i is key i, so key needs at least as many "
                 f"rows as query: got N={n}, M={m}"
@@ -325,13 +330,19 @@ def nt_xent(
 ) -> torch.Tensor:
     """SimCLR NT-Xent over two views z1, z2 (N, D): ``Z = [z1; z2]``, self excluded, the positive
     of each row its other view.  ``reduction="none"`` gives the 2N per-row losses."""
-    _pair("z1", z1, "z2", z2)
+    _pair("z1", z1, "z2", z2, process_group)
     if z1.shape[0] != z2.shape[0]:
         raise ValueError(
             f"z1 and z2 must have the same number of rows, got {z1.shape[0]} and {z2.shape[0]}"
         )
     z = torch.cat([z1, z2], dim=0)
     labels = _two_view_labels(z1.shape[0], z1.device)
+    if process_group is not None:
+        # Pair labels must be unique across the global batch: shift each rank's 0..n-1 into its
+        # own range (int64 labels; 2**40 rows per rank is far beyond any batch).
+        from .distributed import group_rank
+
+        labels = labels + group_rank(process_group) * (1 << 40)
     return info_nce(
         z,
         z,
@@ -358,7 +369,7 @@ def sup_con(
     """Supervised contrastive loss (Khosla et al.): ``info_nce(F, F, labels=labels,
     exclude_diagonal=True)``.  features: (N, D), labels: (N,) integers.  Anchors without a
     positive are left out of the mean, as pytorch-metric-learning's SupConLoss does."""
-    V.check_features("features", features)
+    V.check_features("features", features, min_rows=_min_rows(process_group))
     return info_nce(
         features,
         features,
@@ -386,7 +397,7 @@ def siglip_loss(
     """SigLIP: ``−(1/N) Σ_ij log σ(σ_ij (logit_scale·s_ij + logit_bias))``, σ_ij = +1 on the
     diagonal and −1 elsewhere.  ``"mean"`` divides by N (OpenCLIP's SigLipLoss), ``"sum"`` does
     not, ``"none"`` gives the per-image sums over texts.  Gradients reach scale and bias."""
-    _pair("image_features", image_features, "text_features", text_features)
+    _pair("image_features", image_features, "text_features", text_features, process_group)
     V.check_bool("normalize", normalize)
     V.check_reduction(reduction)
     V.check_positive_scalar("logit_scale", logit_scale)
@@ -435,7 +446,7 @@ def multi_similarity(
     ``loss_i = (1/α) log(1 + Σ_p exp(−α(s_ip − base))) + (1/β) log(1 + Σ_n exp(β(s_in − base)))``;
     ``"mean"`` averages over all N anchors.  Mining thresholds carry no gradient.
     """
-    V.check_features("embeddings", embeddings)
+    V.check_features("embeddings", embeddings, min_rows=_min_rows(process_group))
     V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("ref_embeddings and ref_labels must be given together")
@@ -443,7 +454,7 @@ def multi_similarity(
     if exclude_self:
         ref_embeddings, ref_labels = embeddings, labels
     else:
-        _pair("embeddings", embeddings, "ref_embeddings", ref_embeddings)
+        _pair("embeddings", embeddings, "ref_embeddings", ref_embeddings, process_group)
         V.check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], embeddings.device)
     V.check_positive_scalar("alpha", alpha)
     V.check_positive_scalar("beta", beta)
