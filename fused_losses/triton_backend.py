@@ -1,21 +1,29 @@
-"""The ``triton`` backend: Triton kernels for the contrastive part of the kernel contract.
+"""The ``triton`` backend: Triton kernels for the fused-kernel contract (kernels.py).
 
-Two kernels, each written once and reused for both directions of the similarity matrix:
+Every kernel is the same tile loop: for a block of rows of A, stream over column blocks of B and
+compute ``s = A_tile · B_tileᵀ`` in fp32 over a masked feature loop (any D), always in the
+query·keyᵀ orientation (``_oriented_sim``: the column-direction passes transpose the tile in
+registers), so every pass of an op sees bit-identical ``s_ij``.  What differs is the function
+of the tile:
 
-- ``_lse_rows``: for a block of rows of A, stream over column blocks of B; per tile compute
-  ``s = A_tile · B_tileᵀ`` (fp32 accumulation over a masked feature loop, so any D works),
-  evaluate the pair mask from O(N + M) label vectors, and update an online logsumexp, the
-  positive sum and the positive count.  Row statistics of (x, y) are ``_lse_rows(x, y)``;
-  column statistics are ``_lse_rows(y, x)`` with the mask read transposed.
-- ``_grad_rows``: for a block of rows of A, stream over B, recompute the tile and its dZ (the
-  contract's formula, with a row-side and a column-side softmax term), and accumulate
-  ``scale · dZ · B``.  ``dx`` is ``_grad_rows(x, y)``; ``dy`` is ``_grad_rows(y, x)`` transposed.
+- ``_lse_rows``: online logsumexp of ``scale·s + bias`` with the pair masks of InfoNCE
+  (labels compared in-tile from O(N + M) vectors), positive sums and counts.  Row statistics
+  are ``_lse_rows(x, y)``; column statistics ``_lse_rows(y, x)`` with the mask read transposed.
+- ``_grad_rows``: recompute the tile and its dZ (row- and column-side softmax terms) and
+  accumulate ``scale · dZ · B``: ``dx = _grad_rows(x, y)``, ``dy = _grad_rows(y, x)``.
+- SigLIP (``_siglip_fwd_rows``, ``_siglip_grad_rows``), multi-similarity (``_ms_mine_rows``,
+  ``_ms_fwd_rows`` with two online LSEs seeded with 0, ``_ms_grad_rows``: the mining thresholds
+  are hard comparisons on s, hence the bit-identical tiles), and the softmax-weighted matmul
+  (``_smm_fwd_rows`` flash-attention style, ``_smm_grad_rows`` for dx/dy, ``_smm_dv_rows``),
+  which also carries Sinkhorn's gradient and transport application (fused.py).
 
 Passes over N·M·D for symmetric CLIP forward+backward: 2 (row and column LSE) + 2 (dx, dy, each
 recomputing s) = 4 similarity GEMMs plus 2 gradient GEMMs.  No atomics: results are
-deterministic.  Fusing the two forward directions into one bidirectional pass is future work
-(see the issue notes).  Nothing of size N×M is allocated: buffers are O(N + M) plus one fp32
-partial per program for dscale.
+deterministic.  Fusing the two forward directions into one bidirectional pass (and the two
+backward passes into one with an atomic dY) is future work: it needs a GPU to show it pays.
+Nothing of size N×M is allocated: buffers are O(N + M) plus one fp32 partial per program for
+the scalar gradients (summed in fp64).  The output row block spans all of D (BLOCK_DO); for
+D > 1024 on a GPU that is register-heavy and wants a split over D (not yet measured).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -229,6 +237,358 @@ if triton is not None:
         tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
         tl.store(bterm_ptr + rows, bterm, mask=rmask)
 
+    # ----------------------------------------------------------------------------------------
+    # SigLIP, multi-similarity, softmax-weighted matmul: the same tile loop (``_oriented_sim``,
+    # so every pass of an op sees bit-identical s_ij), a different function of the tile.
+
+    @triton.jit
+    def _anchor_vec(ptr, rows, cols, n_i, TRANSPOSED: tl.constexpr):
+        """A vector over the anchors i of the original problem, shaped to broadcast over the
+        tile: i runs along the rows, or along the columns when TRANSPOSED."""
+        if TRANSPOSED:
+            v = tl.load(ptr + cols, mask=cols < n_i, other=0.0)[None, :]
+        else:
+            v = tl.load(ptr + rows, mask=rows < n_i, other=0.0)[:, None]
+        return v
+
+    @triton.jit
+    def _is_diag(rows, cols, offset, TRANSPOSED: tl.constexpr):
+        """(i, j) with j == i + offset, for the tile in its orientation."""
+        if TRANSPOSED:
+            d = rows[:, None] == cols[None, :] + offset
+        else:
+            d = cols[None, :] == rows[:, None] + offset
+        return d
+
+    @triton.jit
+    def _softplus(t):
+        # log(1 + e^t) = max(t, 0) + log1p(e^{-|t|}); log1p by its series where e^{-|t|} is tiny.
+        e = tl.exp(-tl.abs(t))
+        return tl.maximum(t, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+
+    @triton.jit
+    def _siglip_fwd_rows(x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, n, m, d, stride_x,
+                         stride_y, offset, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out_i = Σ_j softplus(−σ_ij (scale·s_ij + bias)), σ = +1 on the pair (i, i + offset)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        scale = tl.load(scale_ptr)
+        bias = tl.load(bias_ptr)
+        acc = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, m, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
+                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            sign = tl.where(_is_diag(rows, cols, offset, False), 1.0, -1.0)
+            inb = (rows[:, None] < n) & (cols[None, :] < m)
+            acc += tl.sum(tl.where(inb, _softplus(-sign * (s * scale + bias)), 0.0), 1)
+        tl.store(out_ptr + rows, acc, mask=rows < n)
+
+    @triton.jit
+    def _siglip_grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, g_ptr, part_ptr, n_a, n_b,
+                          d, stride_a, stride_b, stride_o, n_i, offset, TRANSPOSED: tl.constexpr,
+                          ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+        """out[rows] = scale · Σ_c G_rc B_c with G_ij = −g_i σ_ij sigmoid(−σ_ij (z_ij + bias));
+        per program, the partials Σ G∘s and Σ G (for dscale and dbias)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_a
+        scale = tl.load(scale_ptr)
+        bias = tl.load(bias_ptr)
+        dso = tl.arange(0, BLOCK_DO)
+        acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+        ds = tl.zeros((BLOCK_M,), tl.float32)
+        db = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, n_b, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < n_b
+            s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
+                              TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            sign = tl.where(_is_diag(rows, cols, offset, TRANSPOSED), 1.0, -1.0)
+            g = _anchor_vec(g_ptr, rows, cols, n_i, TRANSPOSED)
+            t = -sign * (s * scale + bias)
+            # sigmoid(t) without overflow on either side
+            e = tl.exp(-tl.abs(t))
+            sig = tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+            G = tl.where(rmask[:, None] & cmask[None, :], -g * sign * sig, 0.0)
+            ds += tl.sum(G * s, 1)
+            db += tl.sum(G, 1)
+            bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
+                         mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
+            acc += tl.dot(G, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
+        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc * scale,
+                 mask=rmask[:, None] & (dso[None, :] < d))
+        tl.store(part_ptr + 2 * pid, tl.sum(ds, 0))
+        tl.store(part_ptr + 2 * pid + 1, tl.sum(db, 0))
+
+    @triton.jit
+    def _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n_a, n_b, n_i, n_j, offset,
+                  EXCL_SELF: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """(pos, neg) of multi-similarity for the in-bounds tile: same / different label, the
+        self pair (j == i + offset) neither when EXCL_SELF."""
+        if TRANSPOSED:
+            li = tl.load(lab_ptr + cols, mask=cols < n_i, other=-1)[None, :]
+            lj = tl.load(rlab_ptr + rows, mask=rows < n_j, other=-1)[:, None]
+        else:
+            li = tl.load(lab_ptr + rows, mask=rows < n_i, other=-1)[:, None]
+            lj = tl.load(rlab_ptr + cols, mask=cols < n_j, other=-1)[None, :]
+        inb = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+        if EXCL_SELF:
+            inb = inb & (_is_diag(rows, cols, offset, TRANSPOSED) == 0)
+        same = li == lj
+        return same & inb, (same == 0) & inb
+
+    @triton.jit
+    def _ms_mine_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, n, m, d, stride_x,
+                      stride_y, offset, EXCL_SELF: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """min over the positives and max over the negatives of s_ij, per anchor (±inf when
+        the set is empty; NaN when a NaN similarity is among them)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        minp = tl.full((BLOCK_M,), float("inf"), tl.float32)
+        maxn = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        nan = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, m, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
+                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n, m, n, m, offset, EXCL_SELF,
+                                 False)
+            nan = tl.maximum(nan, tl.max(tl.where((pos | neg) & (s != s), 1.0, 0.0), 1))
+            minp = tl.minimum(minp, tl.min(tl.where(pos, s, float("inf")), 1))
+            maxn = tl.maximum(maxn, tl.max(tl.where(neg, s, float("-inf")), 1))
+        ok = rows < n
+        tl.store(minp_ptr + rows, tl.where(nan > 0, float("nan"), minp), mask=ok)
+        tl.store(maxn_ptr + rows, tl.where(nan > 0, float("nan"), maxn), mask=ok)
+
+    @triton.jit
+    def _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n_i, epsilon,
+                 HAS_EPS: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """The mined pairs: the hard thresholds on s_ij (same s in every pass, see above)."""
+        if HAS_EPS:
+            minp = _anchor_vec(minp_ptr, rows, cols, n_i, TRANSPOSED)
+            maxn = _anchor_vec(maxn_ptr, rows, cols, n_i, TRANSPOSED)
+            pos = pos & (s - epsilon < maxn)
+            neg = neg & (s + epsilon > minp)
+        return pos, neg
+
+    @triton.jit
+    def _ms_fwd_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, plse_ptr, nlse_ptr,
+                     n, m, d, stride_x, stride_y, offset, alpha, beta, base, epsilon,
+                     HAS_EPS: tl.constexpr, EXCL_SELF: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Two online LSEs per anchor seeded with the term 0 (the "1 +"): over the kept
+        positives of −α(s − base) and the kept negatives of β(s − base)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        mp = tl.zeros((BLOCK_M,), tl.float32)  # running max, seeded by the term 0
+        lp = tl.full((BLOCK_M,), 1.0, tl.float32)
+        mn = tl.zeros((BLOCK_M,), tl.float32)
+        ln = tl.full((BLOCK_M,), 1.0, tl.float32)
+        nan = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, m, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
+                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n, m, n, m, offset, EXCL_SELF,
+                                 False)
+            nan = tl.maximum(nan, tl.max(tl.where((pos | neg) & (s != s), 1.0, 0.0), 1))
+            kp, kn = _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n, epsilon, HAS_EPS,
+                              False)
+            tp = tl.where(kp, -alpha * (s - base), float("-inf"))
+            m_new = tl.maximum(mp, tl.max(tp, 1))
+            lp = lp * tl.exp(mp - m_new) + tl.sum(tl.where(kp, tl.exp(tp - m_new[:, None]), 0.0), 1)
+            mp = m_new
+            tn = tl.where(kn, beta * (s - base), float("-inf"))
+            m_new = tl.maximum(mn, tl.max(tn, 1))
+            ln = ln * tl.exp(mn - m_new) + tl.sum(tl.where(kn, tl.exp(tn - m_new[:, None]), 0.0), 1)
+            mn = m_new
+        ok = rows < n
+        tl.store(plse_ptr + rows, tl.where(nan > 0, float("nan"), mp + tl.log(lp)), mask=ok)
+        tl.store(nlse_ptr + rows, tl.where(nan > 0, float("nan"), mn + tl.log(ln)), mask=ok)
+
+    @triton.jit
+    def _ms_grad_rows(a_ptr, b_ptr, out_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, plse_ptr,
+                      nlse_ptr, g_ptr, n_a, n_b, d, stride_a, stride_b, stride_o, n_i, n_j,
+                      offset, alpha, beta, base, epsilon, HAS_EPS: tl.constexpr,
+                      EXCL_SELF: tl.constexpr, TRANSPOSED: tl.constexpr,
+                      ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+        """out[rows] = Σ_c dS_rc B_c, dS_ij = g_i (e^{β(s−base) − nlse_i}·kept_neg
+        − e^{−α(s−base) − plse_i}·kept_pos): dx (rows = anchors) or dy (TRANSPOSED)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_a
+        dso = tl.arange(0, BLOCK_DO)
+        acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+        for c0 in range(0, n_b, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < n_b
+            s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
+                              TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n_a, n_b, n_i, n_j, offset,
+                                 EXCL_SELF, TRANSPOSED)
+            kp, kn = _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n_i, epsilon,
+                              HAS_EPS, TRANSPOSED)
+            g = _anchor_vec(g_ptr, rows, cols, n_i, TRANSPOSED)
+            plse = _anchor_vec(plse_ptr, rows, cols, n_i, TRANSPOSED)
+            nlse = _anchor_vec(nlse_ptr, rows, cols, n_i, TRANSPOSED)
+            dS = (tl.where(kn, g * tl.exp(beta * (s - base) - nlse), 0.0)
+                  - tl.where(kp, g * tl.exp(-alpha * (s - base) - plse), 0.0))
+            bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
+                         mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
+            acc += tl.dot(dS, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
+        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc,
+                 mask=rmask[:, None] & (dso[None, :] < d))
+
+    @triton.jit
+    def _smm_fwd_rows(x_ptr, y_ptr, v_ptr, scale_ptr, bias_ptr, out_ptr, lse_ptr, n, m, d, e,
+                      stride_x, stride_y, stride_v, stride_o, HAS_BIAS: tl.constexpr,
+                      ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+        """out[rows, e-block] = softmax_j(scale·s_ij + bias_j) v_j, online (flash-attention
+        style); the second grid axis splits the value columns (each recomputes the softmax)."""
+        pid = tl.program_id(0)
+        pe = tl.program_id(1)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        es = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+        rmask = rows < n
+        scale = tl.load(scale_ptr)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        nan = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+        for c0 in range(0, m, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < m
+            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
+                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            z = s * scale
+            if HAS_BIAS:
+                z = z + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+            inb = rmask[:, None] & cmask[None, :]
+            z = tl.where(inb, z, float("-inf"))
+            nan = tl.maximum(nan, tl.max(tl.where(z != z, 1.0, 0.0), 1))
+            m_new = tl.maximum(m_i, tl.max(z, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_safe))
+            p = tl.where(inb & (z > float("-inf")), tl.exp(z - m_safe[:, None]), 0.0)
+            l_i = l_i * rescale + tl.sum(p, 1)
+            vt = tl.load(v_ptr + cols[:, None] * stride_v + es[None, :],
+                         mask=cmask[:, None] & (es[None, :] < e), other=0.0)
+            acc = acc * rescale[:, None] + tl.dot(p, vt.to(tl.float32), allow_tf32=ALLOW_TF32)
+            m_i = m_new
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        lse = tl.where(nan > 0, float("nan"), lse)
+        # A row with no finite logit (every bias −inf) has no softmax: NaN, as in the reference.
+        out = acc / tl.where(l_i > 0, l_i, float("nan"))[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], out,
+                 mask=rmask[:, None] & (es[None, :] < e))
+        if pe == 0:
+            tl.store(lse_ptr + rows, lse, mask=rmask)
+
+    @triton.jit
+    def _smm_dz(s, rows, cols, scale_ptr, biasv, lse_ptr, delta_ptr, g_ptr, v_ptr, n, m, e,
+                stride_g, stride_v, TRANSPOSED: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+        """(P, dZ) of the tile: P_ij = e^{z_ij − lse_i}, dZ = P ∘ (g_out_i·v_j − delta_i), the
+        dot g_out_i·v_j over a masked E loop (i = x rows, j = y rows; swapped if TRANSPOSED)."""
+        z = s * tl.load(scale_ptr) + biasv
+        lse = _anchor_vec(lse_ptr, rows, cols, n, TRANSPOSED)
+        delta = _anchor_vec(delta_ptr, rows, cols, n, TRANSPOSED)
+        if TRANSPOSED:
+            gv = _sim_tile(v_ptr, g_ptr, rows, cols, m, n, e, stride_v, stride_g, BLOCK_M,
+                           BLOCK_N, BLOCK_E, ALLOW_TF32)
+            inb = (rows[:, None] < m) & (cols[None, :] < n)
+        else:
+            gv = _sim_tile(g_ptr, v_ptr, rows, cols, n, m, e, stride_g, stride_v, BLOCK_M,
+                           BLOCK_N, BLOCK_E, ALLOW_TF32)
+            inb = (rows[:, None] < n) & (cols[None, :] < m)
+        p = tl.where(inb & (z > float("-inf")), tl.exp(z - lse), 0.0)
+        return p, tl.where(inb, p * (gv - delta), 0.0)
+
+    @triton.jit
+    def _smm_grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, delta_ptr, g_ptr,
+                       v_ptr, part_ptr, n, m, d, e, stride_a, stride_b, stride_o, stride_g,
+                       stride_v, HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
+                       ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr):
+        """dx (rows = x; B = y) or, TRANSPOSED, dy (rows = y; B = x): out = scale · dZ @ B.
+        Per program the partial Σ dZ∘s (dscale); per row Σ_c dZ (dbias, TRANSPOSED only)."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        if TRANSPOSED:
+            n_a = m
+            n_b = n
+        else:
+            n_a = n
+            n_b = m
+        rmask = rows < n_a
+        scale = tl.load(scale_ptr)
+        dso = tl.arange(0, BLOCK_DO)
+        acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+        ds = tl.zeros((BLOCK_M,), tl.float32)
+        dbias = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, n_b, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < n_b
+            s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
+                              TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            biasv = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            if HAS_BIAS:  # indexed by the y rows j
+                if TRANSPOSED:
+                    biasv += tl.load(bias_ptr + rows, mask=rmask, other=0.0)[:, None]
+                else:
+                    biasv += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+            _p, dz = _smm_dz(s, rows, cols, scale_ptr, biasv, lse_ptr, delta_ptr, g_ptr, v_ptr,
+                             n, m, e, stride_g, stride_v, TRANSPOSED, ALLOW_TF32, BLOCK_M,
+                             BLOCK_N, BLOCK_E)
+            ds += tl.sum(dz * s, 1)
+            dbias += tl.sum(dz, 1)
+            bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
+                         mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
+            acc += tl.dot(dz, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
+        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc * scale,
+                 mask=rmask[:, None] & (dso[None, :] < d))
+        tl.store(part_ptr + pid, tl.sum(ds, 0))
+        if TRANSPOSED:
+            tl.store(part_ptr + tl.num_programs(0) + rows, dbias, mask=rmask)
+
+    @triton.jit
+    def _smm_dv_rows(x_ptr, y_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, g_ptr, n, m, d, e,
+                     stride_x, stride_y, stride_o, stride_g, HAS_BIAS: tl.constexpr,
+                     ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+        """dv[rows = y rows, e-block] = Σ_i P_ij g_out_i (the tile in the TRANSPOSED
+        orientation, so s is the forward's)."""
+        pid = tl.program_id(0)
+        pe = tl.program_id(1)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        es = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+        rmask = rows < m
+        scale = tl.load(scale_ptr)
+        biasr = tl.zeros((BLOCK_M,), tl.float32)
+        if HAS_BIAS:
+            biasr = tl.load(bias_ptr + rows, mask=rmask, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+        for c0 in range(0, n, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < n
+            s = _oriented_sim(y_ptr, x_ptr, rows, cols, m, n, d, stride_y, stride_x, True,
+                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            z = s * scale + biasr[:, None]
+            lse = tl.load(lse_ptr + cols, mask=cmask, other=0.0)[None, :]
+            p = tl.where(rmask[:, None] & cmask[None, :] & (z > float("-inf")),
+                         tl.exp(z - lse), 0.0)
+            gt = tl.load(g_ptr + cols[:, None] * stride_g + es[None, :],
+                         mask=cmask[:, None] & (es[None, :] < e), other=0.0)
+            acc += tl.dot(p, gt, allow_tf32=ALLOW_TF32)
+        tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], acc,
+                 mask=rmask[:, None] & (es[None, :] < e))
+
 
 def _blocks(d: int):
     """Tile sizes: small fixed ones under the interpreter; the output feature block covers D."""
@@ -329,6 +689,145 @@ class TritonKernels:
         dscale = dscale_parts.double().sum().float()
         return dx, dy, dscale, (bterm if bias is not None else None)
 
+    # -- SigLIP --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _launch_args(d):
+        bm, bn, bd, bdo = _blocks(d)
+        return bm, dict(ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), bdo
+
+    def siglip_fwd(self, x, y, scale, bias, offset):
+        n, m, d = x.shape[0], y.shape[0], x.shape[1]
+        bm, kw, _ = self._launch_args(d)
+        out = torch.empty(n, dtype=torch.float32, device=x.device)
+        _siglip_fwd_rows[(triton.cdiv(n, bm),)](
+            x, y, scale.float().reshape(1), bias.float().reshape(1), out, n, m, d, x.stride(0),
+            y.stride(0), offset, **kw)
+        return out
+
+    def _siglip_grad(self, a, b, scale, bias, g, n_i, offset, transposed):
+        n_a, d = a.shape[0], a.shape[1]
+        bm, kw, bdo = self._launch_args(d)
+        grid = triton.cdiv(n_a, bm)
+        out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
+        parts = torch.empty(grid, 2, dtype=torch.float32, device=a.device)
+        _siglip_grad_rows[(grid,)](
+            a, b, out, scale, bias, g, parts, n_a, b.shape[0], d, a.stride(0), b.stride(0),
+            out.stride(0), n_i, offset, TRANSPOSED=transposed, BLOCK_DO=bdo, **kw)
+        return out, parts
+
+    def siglip_bwd(self, x, y, scale, bias, offset, g_row):
+        scale, bias = scale.float().reshape(1), bias.float().reshape(1)
+        g = g_row.float().contiguous()
+        dx, parts = self._siglip_grad(x, y, scale, bias, g, x.shape[0], offset, False)
+        dy, _ = self._siglip_grad(y, x, scale, bias, g, x.shape[0], offset, True)
+        # per-program fp32 partials, summed in fp64 (the contract's rule for these scalars)
+        sums = parts.double().sum(0)
+        return dx, dy, sums[0].float(), sums[1].float()
+
+    # -- multi-similarity ------------------------------------------------------------------
+
+    @staticmethod
+    def _ms_consts(alpha, beta, base, epsilon):
+        return dict(alpha=float(alpha), beta=float(beta), base=float(base),
+                    epsilon=0.0 if epsilon is None else float(epsilon),
+                    HAS_EPS=epsilon is not None)
+
+    def ms_mine(self, x, y, labels, ref_labels, offset, exclude_self):
+        n, m, d = x.shape[0], y.shape[0], x.shape[1]
+        bm, kw, _ = self._launch_args(d)
+        min_pos = torch.empty(n, dtype=torch.float32, device=x.device)
+        max_neg = torch.empty_like(min_pos)
+        _ms_mine_rows[(triton.cdiv(n, bm),)](
+            x, y, labels.contiguous(), ref_labels.contiguous(), min_pos, max_neg, n, m, d,
+            x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self, **kw)
+        return min_pos, max_neg
+
+    def ms_fwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+               min_pos, max_neg):
+        n, m, d = x.shape[0], y.shape[0], x.shape[1]
+        bm, kw, _ = self._launch_args(d)
+        pos_lse = torch.empty(n, dtype=torch.float32, device=x.device)
+        neg_lse = torch.empty_like(pos_lse)
+        mp = pos_lse if min_pos is None else min_pos
+        mn = pos_lse if max_neg is None else max_neg
+        _ms_fwd_rows[(triton.cdiv(n, bm),)](
+            x, y, labels.contiguous(), ref_labels.contiguous(), mp, mn, pos_lse, neg_lse, n, m,
+            d, x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self,
+            **self._ms_consts(alpha, beta, base, epsilon), **kw)
+        return pos_lse, neg_lse
+
+    def ms_bwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+               min_pos, max_neg, pos_lse, neg_lse, g):
+        n, m, d = x.shape[0], y.shape[0], x.shape[1]
+        bm, kw, bdo = self._launch_args(d)
+        g = g.float().contiguous()
+        mp = pos_lse if min_pos is None else min_pos
+        mn = pos_lse if max_neg is None else max_neg
+        labels, ref_labels = labels.contiguous(), ref_labels.contiguous()
+        consts = self._ms_consts(alpha, beta, base, epsilon)
+        grads = []
+        for a, b, transposed in ((x, y, False), (y, x, True)):
+            out = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
+            _ms_grad_rows[(triton.cdiv(a.shape[0], bm),)](
+                a, b, out, labels, ref_labels, mp, mn, pos_lse, neg_lse, g, a.shape[0],
+                b.shape[0], d, a.stride(0), b.stride(0), out.stride(0), n, m, offset,
+                EXCL_SELF=exclude_self, TRANSPOSED=transposed, BLOCK_DO=bdo, **consts, **kw)
+            grads.append(out)
+        return grads[0], grads[1]
+
+    # -- softmax-weighted matmul ---------------------------------------------------------------
+
+    @staticmethod
+    def _block_e(e):
+        return max(16, min(64, triton.next_power_of_2(e)))
+
+    def softmax_matmul_fwd(self, x, y, v, scale, bias):
+        n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
+        bm, kw, _ = self._launch_args(d)
+        be = self._block_e(e)
+        v = v.contiguous()
+        out = torch.empty(n, e, dtype=torch.float32, device=x.device)
+        lse = torch.empty(n, dtype=torch.float32, device=x.device)
+        b = None if bias is None else bias.float().contiguous()
+        _smm_fwd_rows[(triton.cdiv(n, bm), triton.cdiv(e, be))](
+            x, y, v, scale.float().reshape(1), b if b is not None else lse, out, lse, n, m, d, e,
+            x.stride(0), y.stride(0), v.stride(0), out.stride(0), HAS_BIAS=b is not None,
+            BLOCK_E=be, **kw)
+        return out, lse
+
+    def softmax_matmul_bwd(self, x, y, v, scale, bias, out, lse, g_out):
+        n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
+        bm, kw, bdo = self._launch_args(d)
+        be = self._block_e(e)
+        v = v.float().contiguous()  # O(M·E): the g_out·v tile then dots fp32 with fp32
+        scale = scale.float().reshape(1)
+        b = None if bias is None else bias.float().contiguous()
+        g = g_out.float().contiguous()
+        lse = lse.float().contiguous()
+        delta = (g * out.float()).sum(1)  # O(N·E)
+        grads, parts = [], []
+        for a, bb, transposed in ((x, y, False), (y, x, True)):
+            grid = triton.cdiv(a.shape[0], bm)
+            o = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
+            part = torch.empty(grid + (m if transposed else 0), dtype=torch.float32,
+                               device=x.device)
+            _smm_grad_rows[(grid,)](
+                a, bb, o, scale, b if b is not None else lse, lse, delta, g, v, part, n, m, d, e,
+                a.stride(0), bb.stride(0), o.stride(0), g.stride(0), v.stride(0),
+                HAS_BIAS=b is not None, TRANSPOSED=transposed, BLOCK_DO=bdo, BLOCK_E=be, **kw)
+            grads.append(o)
+            parts.append((grid, part))
+        dv = torch.empty(m, e, dtype=torch.float32, device=x.device)
+        _smm_dv_rows[(triton.cdiv(m, bm), triton.cdiv(e, be))](
+            x, y, dv, scale, b if b is not None else lse, lse, g, n, m, d, e, x.stride(0),
+            y.stride(0), dv.stride(0), g.stride(0), HAS_BIAS=b is not None, BLOCK_E=be, **kw)
+        grid_x, part_x = parts[0]
+        grid_y, part_y = parts[1]
+        dscale = part_x.double().sum().float()
+        dbias = part_y[grid_y:].clone() if b is not None else None
+        return grads[0], grads[1], dv, dscale, dbias
+
 
 TRITON = register_fused_backend(
     "triton",
@@ -337,5 +836,6 @@ TRITON = register_fused_backend(
     dtypes={torch.float32, torch.float16, torch.bfloat16},
     kernels=TritonKernels(),
     availability=_availability,
-    ops=["info_nce", "pairwise_logsumexp"],
+    ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity",
+         "pairwise_softmax_matmul", "ot_softmin", "ot_grad", "ot_plan_matmul"],
 )

@@ -27,11 +27,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import backends_under_test, device_for, supports  # noqa: E402
 
+from fused_losses import _dispatch  # noqa: E402
+
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "requires_op(*ops): run only for backends that implement these ops")
     config.addinivalue_line("markers", "cpu_device: run only for backends that run on the CPU")
+    config.addinivalue_line(
+        "markers", "requires_dtype(*dtypes): run only for backends that accept these dtypes")
 
 
 def pytest_generate_tests(metafunc):
@@ -43,6 +47,10 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("requires_op")
     if marker is not None:
         names = [b for b in names if all(supports(b, op) for op in marker.args)]
+    marker = metafunc.definition.get_closest_marker("requires_dtype")
+    if marker is not None:
+        names = [b for b in names
+                 if all(d in _dispatch.get_backend(b).dtypes for d in marker.args)]
     if metafunc.definition.get_closest_marker("cpu_device") is not None:
         names = [b for b in names if device_for(b).type == "cpu"]
     metafunc.parametrize("backend", names)

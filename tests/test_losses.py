@@ -345,6 +345,48 @@ def test_multi_similarity(backend, device, epsilon):
         )
 
 
+@pytest.mark.parametrize("self_refs", [True, False])
+@pytest.mark.requires_op("multi_similarity")
+def test_multi_similarity_pairs_planted_at_the_mining_threshold(backend, device, self_refs):
+    """Mining is a hard comparison on s_ij.  Coordinates k/8 (D=4) make every s_ij a multiple
+    of 1/64, exact in any dtype and accumulation order, and ε = 1/16 puts many pairs exactly on
+    a threshold (s_ip − ε == max_neg_i or s_in + ε == min_pos_i: not kept).  The forward, the
+    mining pass and the backward must all drop exactly those pairs, as the float64 reference
+    does: a pass that kept them (≤ for <), or recomputed s differently, changes value or
+    gradient."""
+    gen = torch.Generator().manual_seed(1234)  # fixed: the planted ties are asserted below
+    n, m, d, eps = 120, 101, 4, 1.0 / 16
+    x = (torch.randint(-4, 5, (n, d), generator=gen) / 8.0).double()
+    lab = torch.randint(0, 3, (n,), generator=gen)
+    if self_refs:
+        y, rlab = x, lab
+    else:
+        y = (torch.randint(-4, 5, (m, d), generator=gen) / 8.0).double()
+        rlab = torch.randint(0, 3, (m,), generator=gen)
+    s = x @ y.T
+    pos = lab[:, None] == rlab[None, :]
+    neg = ~pos
+    if self_refs:
+        eye = torch.eye(n, dtype=torch.bool)
+        pos, neg = pos & ~eye, neg & ~eye
+    max_neg = s.masked_fill(~neg, float("-inf")).amax(1, keepdim=True)
+    min_pos = s.masked_fill(~pos, float("inf")).amin(1, keepdim=True)
+    planted_pos = int((pos & (s - eps == max_neg)).sum())
+    planted_neg = int((neg & (s + eps == min_pos)).sum())
+    assert planted_pos >= 5 and planted_neg >= 5, (planted_pos, planted_neg)
+    for dtype in dtypes_for(backend):
+        xe = x.clone().requires_grad_(True)
+        ins = [xe, lab] if self_refs else [xe, lab, y.clone().requires_grad_(True), rlab]
+
+        def fn(b, x_, lb, y_=None, rl=None):
+            return FL.multi_similarity(x_, lb, ref_embeddings=y_, ref_labels=rl, epsilon=eps,
+                                       alpha=2.0, beta=50.0, base=0.5, normalize=False,
+                                       reduction="none", backend=b)
+
+        check_against_reference(backend, device, dtype, fn, ins,
+                                f"ms planted self={self_refs} {dtype}")
+
+
 @pytest.mark.parametrize("exclude_diagonal", [False, True])
 @pytest.mark.parametrize("dim", [1, 0])
 @pytest.mark.requires_op("pairwise_logsumexp")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import assert_rel, randn, seeded
 
 import fused_losses as FL
+from fused_losses import _dispatch
 
 R = "reference"
 
@@ -203,23 +204,36 @@ def test_sup_con_matches_pml(n, d, classes):
 
 @pytest.mark.parametrize("epsilon", [0.1, 0.5, None])
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_multi_similarity_matches_pml(epsilon, with_ref):
+@pytest.mark.requires_op("multi_similarity")
+def test_multi_similarity_matches_pml(backend, device, epsilon, with_ref):
+    """PML's MultiSimilarityLoss + MultiSimilarityMiner in float64 against every backend, in
+    float64 where the backend takes it (1e-10), else float32 (1e-5; gradients 1e-4)."""
     gen = seeded()
     n, m, d = 40, 31, 8
+    dtype = torch.float64 if torch.float64 in _dispatch.get_backend(backend).dtypes else (
+        torch.float32)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
     e = randn(n, d, dtype=torch.float64, gen=gen, requires_grad=True)
     labels = torch.randint(0, 5, (n,), generator=gen)
     loss_fn = pml_losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
+    r = randn(m, d, dtype=torch.float64, gen=gen, requires_grad=True)
+    rl = torch.randint(0, 5, (m,), generator=gen)
     if with_ref:
-        r = randn(m, d, dtype=torch.float64, gen=gen, requires_grad=True)
-        rl = torch.randint(0, 5, (m,), generator=gen)
         tup = pml_miners.MultiSimilarityMiner(epsilon)(e, labels, r, rl) if epsilon else None
         theirs = loss_fn(e, labels, tup, r, rl)
-        ours = FL.multi_similarity(e, labels, ref_embeddings=r, ref_labels=rl, epsilon=epsilon,
-                                   backend=R)
         leaves = [e, r]
     else:
         tup = pml_miners.MultiSimilarityMiner(epsilon)(e, labels) if epsilon else None
         theirs = loss_fn(e, labels, tup)
-        ours = FL.multi_similarity(e, labels, epsilon=epsilon, backend=R)
         leaves = [e]
-    _compare_with_grads(ours, theirs, leaves, 1e-10, f"MS eps={epsilon} ref={with_ref}")
+    mine = [t.detach().to(device, dtype).requires_grad_() for t in leaves]
+    lab_d, rl_d = labels.to(device), rl.to(device)
+    if with_ref:
+        ours = FL.multi_similarity(mine[0], lab_d, ref_embeddings=mine[1], ref_labels=rl_d,
+                                   epsilon=epsilon, backend=backend)
+    else:
+        ours = FL.multi_similarity(mine[0], lab_d, epsilon=epsilon, backend=backend)
+    what = f"MS eps={epsilon} ref={with_ref} {dtype}"
+    assert_rel(ours.double().cpu(), theirs, tol, what + " value")
+    for a, b in zip(torch.autograd.grad(ours, mine), torch.autograd.grad(theirs, leaves)):
+        assert_rel(a.double().cpu(), b, tol * 10, what + " grad")

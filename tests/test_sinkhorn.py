@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_rel, randn, seeded
+from helpers import assert_rel, randn, rel_err, seeded
 
 import fused_losses as FL
 
@@ -57,6 +57,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.requires_op("ot_softmin")
+@pytest.mark.requires_dtype(torch.float64)
 def test_matches_geomloss_value_and_gradients(backend, device, case):
     c = dict(CASES[case])
     gen = seeded()
@@ -77,6 +78,39 @@ def test_matches_geomloss_value_and_gradients(backend, device, case):
     for g_ours, g_theirs in zip(torch.autograd.grad(ours, leaves),
                                 torch.autograd.grad(theirs.sum(), ref_leaves)):
         assert_rel(g_ours, g_theirs, 1e-9, what + " grad")
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.requires_op("ot_softmin")
+def test_fp32_matches_geomloss(backend, device, case):
+    """Every case in fp32 (the only precision of the GPU backends), against GeomLoss in fp64.
+    Bound: 1e-4, or twice GeomLoss's own error when it runs in fp32 (p=1's ‖x‖²−2⟨x,y⟩+‖y‖²
+    cancels in fp32 for any implementation)."""
+    c = dict(CASES[case])
+    gen = seeded()
+    x, y, a, b = _pair(c["n"], c["m"], c["d"], gen, c.get("batch"), c.get("weights", False),
+                       c.get("zero_weight", False))
+    kw = dict(p=c["p"], blur=c.get("blur", 0.1), scaling=c.get("scaling", 0.5),
+              debias=c["debias"])
+    theirs = _geomloss(x, y, a, b, **kw)
+    leaves = [t.detach().float().to(device).requires_grad_() for t in (x, y, a, b)
+              if t is not None]
+    as_, bs = (leaves[2], leaves[3]) if a is not None else (None, None)
+    ours = FL.sinkhorn(leaves[0], leaves[1], a=as_, b=bs, reduction="sum", backend=backend,
+                       **kw)
+    assert ours.dtype == torch.float32
+    leaves32 = [t.detach().float().requires_grad_() for t in (x, y, a, b) if t is not None]
+    eager = _geomloss(*(leaves32[:2] + ([None, None] if a is None else leaves32[2:])),
+                      **kw).sum()
+    what = f"{c} seed={gen.initial_seed()}"
+    assert_rel(ours, theirs.sum(), max(1e-4, 2 * rel_err(eager, theirs.sum())),
+               what + " fp32 value")
+    ref_leaves = [t for t in (x, y, a, b) if t is not None]
+    for g_ours, g_theirs, g_eager in zip(torch.autograd.grad(ours, leaves),
+                                         torch.autograd.grad(theirs.sum(), ref_leaves),
+                                         torch.autograd.grad(eager, leaves32)):
+        assert_rel(g_ours, g_theirs, max(1e-4, 2 * rel_err(g_eager, g_theirs)),
+                   what + " fp32 grad")
 
 
 @pytest.mark.requires_op("ot_softmin")
