@@ -589,6 +589,40 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], acc,
                  mask=rmask[:, None] & (es[None, :] < e))
 
+    @triton.jit
+    def _topk_rows(x_ptr, y_ptr, val_ptr, idx_ptr, n, m, d, k, stride_x, stride_y,
+                   EXCL: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The k largest s_ij per row, streamed over column tiles of width BLOCK_K ≥ k.
+
+        Each (value, column) is one int64 key: the fp32 bits made order-preserving in the high
+        half, ``2³²−1 − j`` in the low half (ties go to the smaller j).  The running best keys
+        are kept sorted descending; a tile sorted ascending is merged by an elementwise max,
+        which holds exactly the top BLOCK_K of the union (bitonic merge), then re-sorted."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        lowest = tl.full((BLOCK_M, BLOCK_K), -9223372036854775808, tl.int64)
+        best = lowest
+        for c0 in range(0, m, BLOCK_K):
+            cols = c0 + tl.arange(0, BLOCK_K)
+            s = _sim_tile(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, BLOCK_M,
+                          BLOCK_K, BLOCK_D, ALLOW_TF32) + 0.0  # −0.0 → +0.0
+            if EXCL:
+                s = tl.where(cols[None, :] == rows[:, None], float("-inf"), s)
+            bits = s.to(tl.int32, bitcast=True)
+            hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+            key = hi * 4294967296 + (4294967295 - cols[None, :].to(tl.int64))
+            key = tl.where(cols[None, :] < m, key, lowest)
+            best = tl.sort(tl.maximum(best, tl.sort(key, 1)), 1, descending=True)
+        hi = (best >> 32).to(tl.int32)
+        val = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        idx = 4294967295 - (best & 4294967295)
+        ks = tl.arange(0, BLOCK_K)
+        out = rows[:, None] * k + ks[None, :]
+        ok = (rows[:, None] < n) & (ks[None, :] < k)
+        tl.store(val_ptr + out, val, mask=ok)
+        tl.store(idx_ptr + out, idx, mask=ok)
+
 
 def _blocks(d: int):
     """Tile sizes: small fixed ones under the interpreter; the output feature block covers D."""
@@ -776,6 +810,22 @@ class TritonKernels:
             grads.append(out)
         return grads[0], grads[1]
 
+    # -- top-k ---------------------------------------------------------------------------------
+
+    def topk(self, x, y, k, exclude_diagonal):
+        n, m, d = x.shape[0], y.shape[0], x.shape[1]
+        bm, kw, _ = self._launch_args(d)
+        kw.pop("BLOCK_N")
+        bk = max(16, triton.next_power_of_2(k))
+        bm = min(bm, max(1, 4096 // bk), 16) if not INTERPRET else bm  # keys: BM × BK int64
+        kw["BLOCK_M"] = bm
+        vals = torch.empty(n, k, dtype=torch.float32, device=x.device)
+        idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
+        _topk_rows[(triton.cdiv(n, bm),)](
+            x, y, vals, idx, n, m, d, k, x.stride(0), y.stride(0), EXCL=exclude_diagonal,
+            BLOCK_K=bk, **kw)
+        return vals, idx
+
     # -- softmax-weighted matmul ---------------------------------------------------------------
 
     @staticmethod
@@ -837,5 +887,6 @@ TRITON = register_fused_backend(
     kernels=TritonKernels(),
     availability=_availability,
     ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity",
-         "pairwise_softmax_matmul", "ot_softmin", "ot_grad", "ot_plan_matmul"],
+         "pairwise_softmax_matmul", "similarity_topk", "ot_softmin", "ot_grad",
+         "ot_plan_matmul"],
 )

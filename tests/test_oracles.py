@@ -156,12 +156,28 @@ def test_pairwise_logsumexp_formula():
     assert torch.all(g == 0), "an excluded-only row must not give NaN gradients"
 
 
-def test_similarity_topk_ties_go_to_smaller_index():
-    x = torch.tensor([[1.0, 0.0]])
-    y = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0], [1.0, 0.0]])
-    vals, idx = FL.similarity_topk(x, y, 3, backend=R)
-    assert idx.tolist() == [[1, 2, 4]]
-    assert vals.tolist() == [[1.0, 1.0, 1.0]]
+@pytest.mark.requires_op("similarity_topk")
+def test_similarity_topk_ties_go_to_smaller_index(backend, device):
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], device=device)
+    y = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0], [1.0, 0.0], [0.0, -1.0]],
+                     device=device)
+    vals, idx = FL.similarity_topk(x, y, 4, backend=backend)
+    # row 1: s = (0, -1, -1, -0.5, -1, 0): the two zeros (one of them −0.0 · 1) tie as well
+    assert idx.tolist() == [[1, 2, 4, 3], [0, 5, 3, 1]]
+    assert vals.tolist() == [[1.0, 1.0, 1.0, 0.5], [0.0, 0.0, -0.5, -1.0]]
+
+
+@pytest.mark.requires_op("similarity_topk")
+def test_similarity_topk_large_k(backend, device):
+    """k in the hundreds over several column tiles per row, against a sort."""
+    gen = seeded()
+    x = randn(5, 3, gen=gen).to(device)
+    y = randn(600, 3, gen=gen).to(device)
+    vals, idx = FL.similarity_topk(x, y, 200, backend=backend)
+    s = x.double().cpu() @ y.double().cpu().T
+    ref = torch.sort(s, dim=1, descending=True, stable=True)
+    assert_rel(vals.double().cpu(), ref.values[:, :200], 1e-6, "values")
+    assert_rel(s.gather(1, idx.cpu()), ref.values[:, :200], 1e-6, "indices select the values")
 
 
 # ---------------------------------------------------------------- pytorch-metric-learning
