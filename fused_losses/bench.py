@@ -5,6 +5,11 @@ reference (naive PyTorch: materializes N×N) and every fused backend available o
 Each (backend, N) runs in a fresh subprocess so its peak RSS is its own; a case whose estimated
 memory does not fit in RAM is reported as "would not fit" instead of run.  A markdown table goes
 to stdout; JSON rows (with machine, versions, date) under ``--out``.
+
+``--device cuda``: CLIP and SigLIP, bf16, D=768, N = 4096 … 262144, in one process: the
+measured matmul peak and copy bandwidth first, then each case timed with
+``triton.testing.do_bench`` (median) and its memory beyond the inputs and their gradients taken
+from the CUDA allocator's peak; out-of-memory is reported, not fatal.  JSON + markdown table.
 """
 
 from __future__ import annotations
@@ -140,6 +145,90 @@ def run_case(op, backend, n, d, dtype, repeats, timeout) -> dict:
     return row
 
 
+# --------------------------------------------------------------------------------------------
+# GPU: in-process, timed with triton.testing.do_bench (median), memory from the CUDA allocator
+
+
+def _make_step(op, backend, x, y, labels):
+    import fused_losses as FL
+
+    def step():
+        if op == "clip":
+            loss = FL.clip_loss(x, y, 14.0, backend=backend)
+        elif op == "siglip":
+            loss = FL.siglip_loss(x, y, 10.0, -10.0, backend=backend)
+        elif op == "supcon":
+            loss = FL.sup_con(x, labels, backend=backend)
+        elif op == "ms":
+            loss = FL.multi_similarity(x, labels, backend=backend)
+        else:
+            loss = FL.sinkhorn(x, y, blur=0.05, backend=backend)
+        loss.backward()
+        x.grad = y.grad = None
+        return loss
+
+    return step
+
+
+def gpu_peaks() -> dict:
+    """Measured ceilings of this GPU (METHOD: time the roofline, do not quote the datasheet):
+    bf16 and fp32(tf32 off) matmul at 8192³ on random data, device-to-device copy bandwidth."""
+    from triton.testing import do_bench
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a = torch.randn(8192, 8192, device="cuda", dtype=dt, generator=g)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dt, generator=g)
+        ms = do_bench(lambda a=a, b=b: a @ b, return_mode="median")
+        out[f"matmul_{name}_tflops"] = 2 * 8192**3 / ms / 1e9
+        del a, b
+    src = torch.randn(2**28, device="cuda", generator=g)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda s=src, t=dst: t.copy_(s), return_mode="median")
+    out["copy_gbps"] = 2 * src.numel() * 4 / ms / 1e6
+    del src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_case_gpu(op, backend, n, d, dtype, peaks) -> dict:
+    from triton.testing import do_bench
+
+    row = {"op": op, "backend": backend, "N": n, "D": d, "dtype": dtype}
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    try:
+        torch.cuda.empty_cache()
+        x = torch.randn(n, d, device="cuda", generator=g).to(dt).requires_grad_()
+        y = torch.randn(n, d, device="cuda", generator=g).to(dt).requires_grad_()
+        labels = torch.randint(0, max(2, n // 4), (n,), device="cuda", generator=g)
+        step = _make_step(op, backend, x, y, labels)
+        # inputs + their gradients are the baseline; "extra" is what the loss adds on top
+        base = torch.cuda.memory_allocated() + 2 * x.numel() * x.element_size()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        ms = do_bench(step, return_mode="median")
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="out of memory")
+        torch.cuda.empty_cache()
+        return row
+    except Exception as exc:  # a backend that cannot run this case: say why, go on
+        row.update(status=f"failed: {type(exc).__name__}: {str(exc)[:100]}")
+        torch.cuda.empty_cache()
+        return row
+    row.update(status="ok", median_s=ms / 1e3, peak_extra_mb=max(0, peak - base) / 2**20)
+    flops = _flops(op, n, d)
+    row["gflops"] = None if flops is None else flops / row["median_s"] / 1e9
+    key = "matmul_bf16_tflops" if dtype in ("bfloat16", "float16") else "matmul_fp32_tflops"
+    if flops is not None and peaks.get(key):
+        row["pct_of_matmul_peak"] = 100 * row["gflops"] / 1e3 / peaks[key]
+    del x, y, labels
+    return row
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "?"
     try:
@@ -152,7 +241,8 @@ def machine_info() -> dict:
         pass
     import fused_losses
 
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "backends": fused_losses.available_backends()}
@@ -163,35 +253,49 @@ def _fmt(v) -> str:
 
 
 def table(rows) -> str:
-    out = ["| op | backend | N | D | dtype | median s | GFLOP/s | peak extra MB | status |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    pct = any("pct_of_matmul_peak" in r for r in rows)
+    head = "| op | backend | N | D | dtype | median s | GFLOP/s |" + (
+        " % matmul peak |" if pct else "") + " peak extra MB | status |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ok = r.get("status") == "ok"
-        out.append(f"| {r['op']} | {r['backend']} | {r['N']} | {r['D']} | {r['dtype']} | "
-                   f"{r['median_s']:.3f} | {_fmt(r['gflops'])} | {r['peak_extra_mb']:.0f} | ok |"
-                   if ok else
-                   f"| {r['op']} | {r['backend']} | {r['N']} | {r['D']} | {r['dtype']} | – | – "
-                   f"| – | {r['status']} |")
+        lead = f"| {r['op']} | {r['backend']} | {r['N']} | {r['D']} | {r['dtype']} | "
+        if ok:
+            mid = f"{r['median_s']:.4f} | {_fmt(r['gflops'])} | " + (
+                f"{_fmt(r.get('pct_of_matmul_peak'))} | " if pct else "")
+            out.append(lead + mid + f"{r['peak_extra_mb']:.0f} | ok |")
+        else:
+            out.append(lead + "– | – | " + ("– | " if pct else "") + f"– | {r['status']} |")
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ops", nargs="+", default=["clip"], choices=OPS)
+    ap.add_argument("--ops", nargs="+", default=None, choices=OPS,
+                    help="default: clip (cpu); clip siglip (cuda)")
     ap.add_argument("--backends", nargs="+", default=None,
                     help="default: reference + every fused backend available on the device")
-    ap.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--sizes", nargs="+", type=int, default=None,
+                    help="default: 1024 … 16384 (cpu); 4096 … 262144 (cuda)")
+    ap.add_argument("--dim", type=int, default=None, help="default: 256 (cpu); 768 (cuda)")
+    ap.add_argument("--dtype", default=None, help="default: float32 (cpu); bfloat16 (cuda)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=os.path.join("bench", "results"))
     args = ap.parse_args(argv)
+    gpu = args.device == "cuda"
+    if args.ops is None:
+        args.ops = ["clip", "siglip"] if gpu else ["clip"]
+    if args.sizes is None:
+        args.sizes = ([4096, 8192, 16384, 32768, 65536, 131072, 262144] if gpu
+                      else [1024, 2048, 4096, 8192, 16384])
+    if args.dim is None:
+        args.dim = 768 if gpu else 256
+    if args.dtype is None:
+        args.dtype = "bfloat16" if gpu else "float32"
     if args.device == "cuda":
-        print("GPU sweeps are not implemented in this runner yet; see bench/README.md",
-              file=sys.stderr)
-        return 2
+        return main_gpu(args)
     import fused_losses
 
     backends = args.backends or ["reference"] + [
@@ -221,6 +325,53 @@ def main(argv=None) -> int:
     with open(path, "w") as fh:
         json.dump({"machine": info, "args": vars(args), "rows": rows}, fh, indent=1)
     print(f"\nJSON: {path}")
+    return 0
+
+
+def main_gpu(args) -> int:
+    """The GPU sweep: every available fused backend for CUDA plus the reference, in one process
+    (memory from the allocator's peak), timed with do_bench; the measured matmul peak first."""
+    if not torch.cuda.is_available():
+        print("--device cuda: no CUDA device", file=sys.stderr)
+        return 2
+    import fused_losses
+
+    backends = args.backends or ["reference"] + [
+        b for b in fused_losses.available_backends()
+        if b != "reference" and "cuda" in fused_losses.get_backend(b).devices]
+    info = machine_info()
+    peaks = gpu_peaks()
+    info["peaks"] = peaks
+    print(f"# fused-losses bench on {info['gpu']}, torch {info['torch']}, {info['date']}")
+    print(f"# measured: bf16 matmul {peaks['matmul_bf16_tflops']:.0f} TFLOP/s, fp32 matmul "
+          f"{peaks['matmul_fp32_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
+    print("# GFLOP/s counts 4·2·N²·D per fwd+bwd (one forward GEMM; the backward's recompute, "
+          "dX and dY), whatever a backend really runs")
+    rows = []
+    for op in args.ops:
+        for backend in backends:
+            stop = False
+            for n in args.sizes:
+                if stop:
+                    rows.append({"op": op, "backend": backend, "N": n, "D": args.dim,
+                                 "dtype": args.dtype, "status": "skipped (smaller N failed)"})
+                    continue
+                row = run_case_gpu(op, backend, n, args.dim, args.dtype, peaks)
+                rows.append(row)
+                print(f"  {op} {backend} N={n}: {row.get('status')} "
+                      f"{row.get('median_s', float('nan')) * 1e3:.2f} ms", file=sys.stderr,
+                      flush=True)
+                stop = row["status"] != "ok"
+    md = table(rows)
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench-cuda-{'-'.join(args.ops)}-{args.dtype}-D{args.dim}")
+    with open(stem + ".json", "w") as fh:
+        json.dump({"machine": info, "args": vars(args), "rows": rows}, fh, indent=1)
+    with open(stem + ".md", "w") as fh:
+        fh.write(f"{info['gpu']}, torch {info['torch']}, {info['date']}; measured bf16 matmul "
+                 f"{peaks['matmul_bf16_tflops']:.0f} TFLOP/s\n\n{md}\n")
+    print(f"\nJSON: {stem}.json")
     return 0
 
 
