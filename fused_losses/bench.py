@@ -25,7 +25,7 @@ import time
 
 import torch
 
-OPS = ("clip", "siglip", "supcon", "ms", "sinkhorn")
+OPS = ("clip", "siglip", "supcon", "ms", "sinkhorn", "topk")
 
 
 def _proc_status_kb(field: str) -> int:
@@ -63,28 +63,13 @@ class PeakRSS:
 
 def _case_body(op: str, backend: str, n: int, d: int, dtype: str, repeats: int) -> dict:
     """Run in the child: build inputs, time fwd+bwd, report the peak memory growth."""
-    import fused_losses as FL
-
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g).to(dt).requires_grad_()
     y = torch.randn(n, d, generator=g).to(dt).requires_grad_()
     labels = torch.randint(0, max(2, n // 4), (n,), generator=g)
 
-    def step():
-        if op == "clip":
-            loss = FL.clip_loss(x, y, 14.0, backend=backend)
-        elif op == "siglip":
-            loss = FL.siglip_loss(x, y, 10.0, -10.0, backend=backend)
-        elif op == "supcon":
-            loss = FL.sup_con(x, labels, backend=backend)
-        elif op == "ms":
-            loss = FL.multi_similarity(x, labels, backend=backend)
-        else:
-            loss = FL.sinkhorn(x, y, blur=0.05, backend=backend)
-        loss.backward()
-        x.grad = y.grad = None
-        return loss
+    step = _make_step(op, backend, x, y, labels)
 
     with PeakRSS() as mem:
         step()  # the first call also measures memory (warm-up for the timed calls)
@@ -99,7 +84,7 @@ def _case_body(op: str, backend: str, n: int, d: int, dtype: str, repeats: int) 
 
 
 def _estimate_bytes(op: str, backend: str, n: int, d: int) -> float:
-    if backend == "reference":
+    if backend in ("reference", "pml"):
         return 6.0 * n * n * 4  # logits, softmax, masks and their grads: several N×N fp32
     return 16.0 * n * d * 4 + 64e6
 
@@ -118,6 +103,8 @@ def _available_ram() -> float:
 def _flops(op: str, n: int, d: int):
     """Fused fwd+bwd of the similarity losses: 4 passes of 2·N²·D (forward; the backward's
     recompute, dX and dY GEMMs).  None for Sinkhorn, whose pass count depends on the schedule."""
+    if op == "topk":
+        return 2.0 * n * n * d  # one similarity pass (the backward gathers k rows)
     return None if op == "sinkhorn" else 4 * 2.0 * n * n * d
 
 
@@ -149,11 +136,29 @@ def run_case(op, backend, n, d, dtype, repeats, timeout) -> dict:
 # GPU: in-process, timed with triton.testing.do_bench (median), memory from the CUDA allocator
 
 
+def _pml_multi_similarity():
+    """pytorch-metric-learning's MultiSimilarityLoss with its miner (the peer; materializes N×N)."""
+    from pytorch_metric_learning import losses, miners
+
+    loss_fn = losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
+    miner = miners.MultiSimilarityMiner(0.1)
+    return lambda x, labels: loss_fn(x, labels, miner(x, labels))
+
+
 def _make_step(op, backend, x, y, labels):
+    """One forward+backward of ``op`` on ``backend`` ("pml": the peer, for op "ms")."""
     import fused_losses as FL
 
+    if backend == "pml" and op != "ms":
+        raise ValueError("backend 'pml' (pytorch-metric-learning) is a peer for op 'ms' only")
+    pml = _pml_multi_similarity() if backend == "pml" else None
+
     def step():
-        if op == "clip":
+        if backend == "pml":
+            loss = pml(torch.nn.functional.normalize(x, dim=-1), labels)
+        elif op == "topk":  # k = 10 nearest keys per row; values backpropagated
+            loss = FL.similarity_topk(x, y, 10, backend=backend)[0].sum()
+        elif op == "clip":
             loss = FL.clip_loss(x, y, 14.0, backend=backend)
         elif op == "siglip":
             loss = FL.siglip_loss(x, y, 10.0, -10.0, backend=backend)
@@ -274,7 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=None, choices=OPS,
                     help="default: clip (cpu); clip siglip (cuda)")
     ap.add_argument("--backends", nargs="+", default=None,
-                    help="default: reference + every fused backend available on the device")
+                    help="default: reference + every fused backend available on the device; "
+                    "'pml' adds pytorch-metric-learning as a peer for --ops ms")
     ap.add_argument("--sizes", nargs="+", type=int, default=None,
                     help="default: 1024 … 16384 (cpu); 4096 … 262144 (cuda)")
     ap.add_argument("--dim", type=int, default=None, help="default: 256 (cpu); 768 (cuda)")

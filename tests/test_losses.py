@@ -6,6 +6,8 @@ precision (fp32/low precision vs fp64) and against independent formulas in test_
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from helpers import (
@@ -98,7 +100,10 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
             f"{what} output {k}: rel err {err:.2e} > {bound:.1e}"
     if not outs[0].requires_grad:
         return
-    g = torch.randn(outs[0].shape, dtype=torch.float64)
+    # The upstream gradient is drawn from a generator seeded by the case description (which
+    # names the test's seed), so FUSED_LOSSES_TEST_SEED reproduces a failure exactly.
+    g = torch.randn(outs[0].shape, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(zlib.crc32(what.encode())))
     grads = _grad_of(outs[0], ins, g)
     grads64 = _grad_of(refs[0], ins64, g)
     grads_eager = _grad_of(ref_eagers[0], ins_eager, g) if eager else None
@@ -115,8 +120,13 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
     ins64_pert = [leaf64(t * (1 + 1e-7 * torch.randn(t.shape, generator=gen, dtype=t.dtype)))
                   if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                   for t in ins64]
-    grads64_pert = _grad_of(fn("reference", *ins64_pert)[0] if isinstance(ref, tuple)
-                            else fn("reference", *ins64_pert), ins64_pert, g_pos)
+    ref_pert = fn("reference", *ins64_pert)
+    ref_pert = ref_pert[0] if isinstance(ref, tuple) else ref_pert
+    grads64_pert = _grad_of(ref_pert, ins64_pert, g_pos)
+    # The same sensitivity for the feature gradients (under g): a gradient that nearly cancels
+    # (tiny N, normalized D=3 rows) has a floor no fp32 kernel can beat.
+    grads64_pert_g = _grad_of(ref_pert, ins64_pert, g)
+    cond_g = {k: rel_err(grads64_pert_g[k], grads64[k]) for k in range(len(grads))}
     cond = {}
     for k in range(len(grads)):
         if grads[k].dim() == 0:
@@ -129,6 +139,8 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
         if backend == "reference" and dtype != torch.float64:
             continue
         bound = bound_for(rel_err(grads_eager[k], g64) if eager else 0.0)
+        if dtype != torch.float64:
+            bound = max(bound, 4 * cond_g[k])
         if gr.dim() == 0 and dtype != torch.float64:
             # A temperature/scale/bias gradient is one sum of N·M sign-mixed terms (random
             # per-anchor upstream gradients here): kernel and eager runs are both ill-conditioned
