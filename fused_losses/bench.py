@@ -274,6 +274,37 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
+def _default_backends(device: str) -> list[str]:
+    """The reference plus every fused backend that runs on ``device`` (not interpreted Triton)."""
+    import fused_losses
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return ["reference"] + [
+        b for b in fused_losses.available_backends()
+        if b != "reference" and device in fused_losses.get_backend(b).devices
+        and not (b == "triton" and interpreted)]
+
+
+def _sweep(args, backends, run_one) -> list[dict]:
+    """ops × backends × sizes; once a size fails (timeout, OOM), the larger ones are skipped."""
+    rows = []
+    for op in args.ops:
+        for backend in backends:
+            stop = False
+            for n in args.sizes:
+                if stop:
+                    rows.append({"op": op, "backend": backend, "N": n, "D": args.dim,
+                                 "dtype": args.dtype, "status": "skipped (smaller N failed)"})
+                    continue
+                row = run_one(op, backend, n)
+                rows.append(row)
+                print(f"  {op} {backend} N={n}: {row.get('status')} "
+                      f"{row.get('median_s', float('nan')) * 1e3:.2f} ms", file=sys.stderr,
+                      flush=True)
+                stop = row["status"] != "ok"
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", nargs="+", default=None, choices=OPS,
@@ -302,29 +333,13 @@ def main(argv=None) -> int:
         args.dtype = "bfloat16" if gpu else "float32"
     if args.device == "cuda":
         return main_gpu(args)
-    import fused_losses
 
-    backends = args.backends or ["reference"] + [
-        b for b in fused_losses.available_backends()
-        if b != "reference" and "cpu" in fused_losses.get_backend(b).devices
-        and not (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
+    backends = args.backends or _default_backends("cpu")
     info = machine_info()
     print(f"# fused-losses bench on {info['cpu']} ({info['threads']} threads), torch "
           f"{info['torch']}, {info['date']}")
-    rows = []
-    for op in args.ops:
-        for backend in backends:
-            stop = False
-            for n in args.sizes:
-                if stop:
-                    rows.append({"op": op, "backend": backend, "N": n, "D": args.dim,
-                                 "dtype": args.dtype, "status": "skipped (smaller N failed)"})
-                    continue
-                row = run_case(op, backend, n, args.dim, args.dtype, args.repeats, args.timeout)
-                rows.append(row)
-                print(f"  {op} {backend} N={n}: {row.get('status')} "
-                      f"{row.get('median_s', float('nan')):.3f} s", file=sys.stderr, flush=True)
-                stop = row["status"] != "ok"
+    rows = _sweep(args, backends, lambda op, backend, n: run_case(
+        op, backend, n, args.dim, args.dtype, args.repeats, args.timeout))
     print(table(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench-{args.device}.json")
@@ -340,11 +355,8 @@ def main_gpu(args) -> int:
     if not torch.cuda.is_available():
         print("--device cuda: no CUDA device", file=sys.stderr)
         return 2
-    import fused_losses
 
-    backends = args.backends or ["reference"] + [
-        b for b in fused_losses.available_backends()
-        if b != "reference" and "cuda" in fused_losses.get_backend(b).devices]
+    backends = args.backends or _default_backends("cuda")
     info = machine_info()
     peaks = gpu_peaks()
     info["peaks"] = peaks
@@ -353,21 +365,8 @@ def main_gpu(args) -> int:
           f"{peaks['matmul_fp32_tflops']:.0f} TFLOP/s, copy {peaks['copy_gbps']:.0f} GB/s")
     print("# GFLOP/s counts 4·2·N²·D per fwd+bwd (one forward GEMM; the backward's recompute, "
           "dX and dY), whatever a backend really runs")
-    rows = []
-    for op in args.ops:
-        for backend in backends:
-            stop = False
-            for n in args.sizes:
-                if stop:
-                    rows.append({"op": op, "backend": backend, "N": n, "D": args.dim,
-                                 "dtype": args.dtype, "status": "skipped (smaller N failed)"})
-                    continue
-                row = run_case_gpu(op, backend, n, args.dim, args.dtype, peaks)
-                rows.append(row)
-                print(f"  {op} {backend} N={n}: {row.get('status')} "
-                      f"{row.get('median_s', float('nan')) * 1e3:.2f} ms", file=sys.stderr,
-                      flush=True)
-                stop = row["status"] != "ok"
+    rows = _sweep(args, backends, lambda op, backend, n: run_case_gpu(
+        op, backend, n, args.dim, args.dtype, peaks))
     md = table(rows)
     print(md)
     os.makedirs(args.out, exist_ok=True)

@@ -124,6 +124,22 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _acc_rows_times(acc, w, b_ptr, cols, cmask, d, stride_b, BLOCK_DO: tl.constexpr,
+                        ALLOW_TF32: tl.constexpr):
+        """acc + w · B[cols]: the product step of every gradient kernel (the output row block
+        spans all of D, BLOCK_DO ≥ D; w stays fp32)."""
+        dso = tl.arange(0, BLOCK_DO)
+        bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
+                     mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
+        return acc + tl.dot(w, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
+
+    @triton.jit
+    def _store_rows(out_ptr, val, rows, rmask, d, stride_o, BLOCK_DO: tl.constexpr):
+        dso = tl.arange(0, BLOCK_DO)
+        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], val,
+                 mask=rmask[:, None] & (dso[None, :] < d))
+
+    @triton.jit
     def _lse_rows(a_ptr, b_ptr, scale_ptr, bias_ptr, lab_ptr, klab_ptr, lse_ptr, psum_ptr,
                   pcnt_ptr, n_a, n_b, d, stride_a, stride_b, n_keys, offset,
                   HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_LABELS: tl.constexpr,
@@ -194,7 +210,6 @@ if triton is not None:
         br = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_BIAS_R:
             br = tl.load(biasr_ptr + rows, mask=rmask, other=0.0)
-        dso = tl.arange(0, BLOCK_DO)
         acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
         dscale = tl.zeros((BLOCK_M,), tl.float32)
         bterm = tl.zeros((BLOCK_M,), tl.float32)
@@ -227,13 +242,11 @@ if triton is not None:
                 bterm += tl.sum(tb, 1)
                 dz += tb - tl.where(pos, gpb[None, :], 0.0)
             dscale += tl.sum(dz * s, 1)
-            bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
-                         mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
             # dZ stays fp32 here: its rows nearly cancel, and rounding it to fp16/bf16 first
             # (the flash-attention speed path) costs digits; revisit with GPU measurements.
-            acc += tl.dot(dz, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
-        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc * scale,
-                 mask=rmask[:, None] & (dso[None, :] < d))
+            acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+                                  ALLOW_TF32)
+        _store_rows(out_ptr, acc * scale, rows, rmask, d, stride_o, BLOCK_DO)
         tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
         tl.store(bterm_ptr + rows, bterm, mask=rmask)
 
@@ -297,7 +310,6 @@ if triton is not None:
         rmask = rows < n_a
         scale = tl.load(scale_ptr)
         bias = tl.load(bias_ptr)
-        dso = tl.arange(0, BLOCK_DO)
         acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
         ds = tl.zeros((BLOCK_M,), tl.float32)
         db = tl.zeros((BLOCK_M,), tl.float32)
@@ -315,11 +327,9 @@ if triton is not None:
             G = tl.where(rmask[:, None] & cmask[None, :], -g * sign * sig, 0.0)
             ds += tl.sum(G * s, 1)
             db += tl.sum(G, 1)
-            bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
-                         mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
-            acc += tl.dot(G, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
-        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc * scale,
-                 mask=rmask[:, None] & (dso[None, :] < d))
+            acc = _acc_rows_times(acc, G, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+                                  ALLOW_TF32)
+        _store_rows(out_ptr, acc * scale, rows, rmask, d, stride_o, BLOCK_DO)
         tl.store(part_ptr + 2 * pid, tl.sum(ds, 0))
         tl.store(part_ptr + 2 * pid + 1, tl.sum(db, 0))
 
@@ -422,7 +432,6 @@ if triton is not None:
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < n_a
-        dso = tl.arange(0, BLOCK_DO)
         acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
         for c0 in range(0, n_b, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
@@ -438,11 +447,9 @@ if triton is not None:
             nlse = _anchor_vec(nlse_ptr, rows, cols, n_i, TRANSPOSED)
             dS = (tl.where(kn, g * tl.exp(beta * (s - base) - nlse), 0.0)
                   - tl.where(kp, g * tl.exp(-alpha * (s - base) - plse), 0.0))
-            bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
-                         mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
-            acc += tl.dot(dS, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
-        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc,
-                 mask=rmask[:, None] & (dso[None, :] < d))
+            acc = _acc_rows_times(acc, dS, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+                                  ALLOW_TF32)
+        _store_rows(out_ptr, acc, rows, rmask, d, stride_o, BLOCK_DO)
 
     @triton.jit
     def _smm_fwd_rows(x_ptr, y_ptr, v_ptr, scale_ptr, bias_ptr, out_ptr, lse_ptr, n, m, d, e,
@@ -528,7 +535,6 @@ if triton is not None:
             n_b = m
         rmask = rows < n_a
         scale = tl.load(scale_ptr)
-        dso = tl.arange(0, BLOCK_DO)
         acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
         ds = tl.zeros((BLOCK_M,), tl.float32)
         dbias = tl.zeros((BLOCK_M,), tl.float32)
@@ -548,11 +554,9 @@ if triton is not None:
                              BLOCK_N, BLOCK_E)
             ds += tl.sum(dz * s, 1)
             dbias += tl.sum(dz, 1)
-            bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
-                         mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
-            acc += tl.dot(dz, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
-        tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], acc * scale,
-                 mask=rmask[:, None] & (dso[None, :] < d))
+            acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+                                  ALLOW_TF32)
+        _store_rows(out_ptr, acc * scale, rows, rmask, d, stride_o, BLOCK_DO)
         tl.store(part_ptr + pid, tl.sum(ds, 0))
         if TRANSPOSED:
             tl.store(part_ptr + tl.num_programs(0) + rows, dbias, mask=rmask)

@@ -123,10 +123,17 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
     ref_pert = fn("reference", *ins64_pert)
     ref_pert = ref_pert[0] if isinstance(ref, tuple) else ref_pert
     grads64_pert = _grad_of(ref_pert, ins64_pert, g_pos)
-    # The same sensitivity for the feature gradients (under g): a gradient that nearly cancels
-    # (tiny N, normalized D=3 rows) has a floor no fp32 kernel can beat.
-    grads64_pert_g = _grad_of(ref_pert, ins64_pert, g)
-    cond_g = {k: rel_err(grads64_pert_g[k], grads64[k]) for k in range(len(grads))}
+    # The fp32 floor of each gradient, measured: the eager reference's worst error over a few
+    # more upstream directions.  Its error along g alone can be lucky: near a one-hot softmax
+    # (loss ~1e-5) g·(p − 1) keeps only a few digits in any fp32 code, by a g-dependent amount.
+    floor = dict.fromkeys(range(len(grads)), 0.0)
+    if eager:
+        dgen = torch.Generator().manual_seed(zlib.crc32(what.encode()) + 1)
+        for _ in range(4):
+            gd = torch.randn(outs[0].shape, dtype=torch.float64, generator=dgen)
+            for k, (ge, gf) in enumerate(zip(_grad_of(ref_eagers[0], ins_eager, gd),
+                                             _grad_of(refs[0], ins64, gd))):
+                floor[k] = max(floor[k], rel_err(ge, gf))
     cond = {}
     for k in range(len(grads)):
         if grads[k].dim() == 0:
@@ -140,7 +147,7 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None)
             continue
         bound = bound_for(rel_err(grads_eager[k], g64) if eager else 0.0)
         if dtype != torch.float64:
-            bound = max(bound, 4 * cond_g[k])
+            bound = max(bound, 4 * floor[k])
         if gr.dim() == 0 and dtype != torch.float64:
             # A temperature/scale/bias gradient is one sum of N·M sign-mixed terms (random
             # per-anchor upstream gradients here): kernel and eager runs are both ill-conditioned

@@ -55,16 +55,22 @@ CASES = [
 ]
 
 
+def _case_inputs(case):
+    """(case, generator, (x, y, a, b) in float64, sinkhorn keyword arguments) of CASES[case]."""
+    c = dict(CASES[case])
+    gen = seeded()
+    pts = _pair(c["n"], c["m"], c["d"], gen, c.get("batch"), c.get("weights", False),
+                c.get("zero_weight", False))
+    kw = dict(p=c["p"], blur=c.get("blur", 0.1), scaling=c.get("scaling", 0.5),
+              debias=c["debias"])
+    return c, gen, pts, kw
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.requires_op("ot_softmin")
 @pytest.mark.requires_dtype(torch.float64)
 def test_matches_geomloss_value_and_gradients(backend, device, case):
-    c = dict(CASES[case])
-    gen = seeded()
-    x, y, a, b = _pair(c["n"], c["m"], c["d"], gen, c.get("batch"), c.get("weights", False),
-                       c.get("zero_weight", False))
-    kw = dict(p=c["p"], blur=c.get("blur", 0.1), scaling=c.get("scaling", 0.5),
-              debias=c["debias"])
+    c, gen, (x, y, a, b), kw = _case_inputs(case)
     theirs = _geomloss(x, y, a, b, **kw)
     dev = [t.to(device) if t is not None else None for t in (x, y, a, b)]
     leaves = [t for t in dev if t is not None]
@@ -86,12 +92,7 @@ def test_fp32_matches_geomloss(backend, device, case):
     """Every case in fp32 (the only precision of the GPU backends), against GeomLoss in fp64.
     Bound: 1e-4, or twice GeomLoss's own error when it runs in fp32 (p=1's ‖x‖²−2⟨x,y⟩+‖y‖²
     cancels in fp32 for any implementation)."""
-    c = dict(CASES[case])
-    gen = seeded()
-    x, y, a, b = _pair(c["n"], c["m"], c["d"], gen, c.get("batch"), c.get("weights", False),
-                       c.get("zero_weight", False))
-    kw = dict(p=c["p"], blur=c.get("blur", 0.1), scaling=c.get("scaling", 0.5),
-              debias=c["debias"])
+    c, gen, (x, y, a, b), kw = _case_inputs(case)
     theirs = _geomloss(x, y, a, b, **kw)
     leaves = [t.detach().float().to(device).requires_grad_() for t in (x, y, a, b)
               if t is not None]
