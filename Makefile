@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 .PHONY: test bench lint cuda-check clean
 
 # Re-install (and so rebuild the extension) when the build files or any C++/CUDA source change.
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h \
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc \
                                             csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip

@@ -1,7 +1,9 @@
 """Build of fused-losses.
 
 - ``fused_losses._C``: C++ CPU kernels (csrc/cpu_ops.cpp + csrc/cpu/*.cpp + csrc/bindings_cpu.cpp),
-  built everywhere (skip with FUSED_LOSSES_CPU_EXT=0).
+  built everywhere (skip with FUSED_LOSSES_CPU_EXT=0).  csrc/cpu/kernels_{generic,avx2,avx512}.cpp
+  are the same tile code built per ISA (a target pragma each); the widest one the CPU runs is
+  picked at load time.
 - ``fused_losses._cuda``: CUDA kernels (csrc/cuda/*.cu + csrc/bindings_cuda.cpp), built only when
   a CUDA toolkit and a CUDA build of torch are present (FUSED_LOSSES_CUDA=0/1 to skip/force;
   TORCH_CUDA_ARCH_LIST honoured, default "8.0;9.0a").
@@ -32,9 +34,9 @@ def extensions():
               "(use pip install --no-build-isolation after installing torch)")
         return [], {}
     exts = []
-    # Same math flags torch itself is built with; no -march: portable wheels (hot loops carry
-    # their own AVX2 clones, see csrc/cpu/tile_ops.h).
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+    # Same math flags torch itself is built with; no -march: portable wheels (the tile code has
+    # its own AVX2 and AVX-512 builds, see csrc/cpu/simd.h).
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
     link = []
     if torch.backends.openmp.is_available():
         cxx.append("-fopenmp")

@@ -2,27 +2,30 @@
 //
 // Each op walks (row block × column block) tiles.  A tile's similarities come from one GEMM into
 // a per-thread buffer (ATen/MKL, single-threaded inside the parallel region); the elementwise
-// work is done by the torch-free functions of cpu/tile_ops.h while the tile is in cache.  Row
-// blocks run in parallel (at::parallel_for); column reductions and dY accumulate in per-thread
-// buffers merged at the end.  Extra memory: O(threads·(M·D + tile)), never N×M.
+// work is done by the torch-free, vectorized tile functions (cpu/tile_ops.h, one build per ISA,
+// picked at load time: kern<T>()) while the tile is in cache.  Row blocks run in parallel
+// (at::parallel_for); column reductions and dY accumulate in per-thread buffers merged at the end.  Extra memory: O(threads·(M·D + tile)), never N×M.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
-#include "cpu/tile_ops.h"
+#include "cpu/tile_types.h"
 
 namespace {
 
 using at::Tensor;
 using c10::optional;
 
-constexpr int64_t kRowBlock = 64;
-constexpr int64_t kColBlock = 512;
+constexpr int64_t kRowBlock = 256;  // GEMM rows per tile (measured best of 64…512 at D=256)
+constexpr int64_t kColBlock = 512;  // a multiple of every vector width (tile rows are padded)
+static_assert(kRowBlock <= fl::kMaxTileRows, "tile rows");
 
 // A per-row/per-column vector argument read through a raw pointer: it must have exactly the
 // length the loops index (these ops are public in torch.ops, so a bad call must not read past it).
@@ -37,26 +40,6 @@ void check_bias(const optional<Tensor>& bias, const Tensor& x, const Tensor& y) 
   if (bias.has_value()) check_vector(*bias, y.size(0), x.scalar_type(), "bias");
 }
 
-fl::PairMask make_mask(const Tensor& x, const Tensor& y, const optional<Tensor>& labels,
-                       const optional<Tensor>& key_labels, int64_t n_keys, int64_t offset,
-                       bool exclude_diagonal, bool decoupled, bool no_positives) {
-  TORCH_CHECK(n_keys >= 0 && n_keys <= y.size(0), "n_keys must be in [0, M]");
-  fl::PairMask m;
-  if (labels.has_value()) {
-    TORCH_CHECK(key_labels.has_value(), "key_labels required with labels");
-    check_vector(*labels, x.size(0), at::kLong, "labels");
-    check_vector(*key_labels, n_keys, at::kLong, "key_labels");
-    m.labels = labels->data_ptr<int64_t>();
-    m.key_labels = key_labels->data_ptr<int64_t>();
-  }
-  m.n_keys = n_keys;
-  m.offset = offset;
-  m.exclude_diagonal = exclude_diagonal;
-  m.decoupled = decoupled;
-  m.no_positives = no_positives;
-  return m;
-}
-
 void check_pair(const Tensor& x, const Tensor& y) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), "x (N,D), y (M,D)");
@@ -67,57 +50,119 @@ void check_pair(const Tensor& x, const Tensor& y) {
 }
 
 int64_t num_blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
+int64_t clamp_cols(int64_t v, int64_t cols) { return std::max<int64_t>(0, std::min(v, cols)); }
 
-// Multiversioned entry points: the always-inline tile bodies are compiled once per target.
-#define FL_FWD_TILE(T)                                                                        \
-  FL_MULTIVERSION void fwd_tile_##T(T* z, int64_t ld, int64_t rows, int64_t cols, T scale,     \
-                                    const T* bias, const uint8_t* flags, int64_t ldf,          \
-                                    T* scratch, fl::Lse<T>* lse, T* ps, T* pc, int64_t kc,     \
-                                    T* cmax, T* csum, T* cps, T* cpc) {                        \
-    fl::fwd_tile<T>(z, ld, rows, cols, scale, bias, flags, ldf, scratch, lse, ps, pc, kc,     \
-                    cmax, csum, cps, cpc);                                                     \
-  }                                                                                            \
-  FL_MULTIVERSION double bwd_tile_##T(const T* s, int64_t ld, int64_t rows, int64_t cols,      \
-                                      T scale, const T* bias, const uint8_t* flags,            \
-                                      int64_t ldf, const T* rl, const T* gr, const T* grp,     \
-                                      int64_t kc, const T* cl, const T* gc, const T* gcp,      \
-                                      T* dz, int64_t ldz, T* db, T* cq, T* cp) {               \
-    return fl::bwd_tile<T>(s, ld, rows, cols, scale, bias, flags, ldf, rl, gr, grp, kc, cl,    \
-                           gc, gcp, dz, ldz, db, cq, cp);                                      \
+// A per-column vector copied with kColBlock zeros after it: tiles read whole vectors.
+template <typename T>
+std::vector<T> padded_copy(const T* p, int64_t len, T fill = T(0)) {
+  std::vector<T> out(len + kColBlock, fill);
+  if (p) std::copy(p, p + len, out.begin());
+  return out;
+}
+
+// Dense ids of two label vectors (equal labels <=> equal ids, all >= 0), in the lane width of T;
+// the second is padded with -1 (never a label id).
+template <typename T>
+void dense_label_ids(const int64_t* a, int64_t na, const int64_t* b, int64_t nb,
+                     std::vector<fl::LabelOf<T>>& ida, std::vector<fl::LabelOf<T>>& idb) {
+  std::vector<int64_t> u(a, a + na);
+  u.insert(u.end(), b, b + nb);
+  std::sort(u.begin(), u.end());
+  u.erase(std::unique(u.begin(), u.end()), u.end());
+  auto id = [&](int64_t v) {
+    return static_cast<fl::LabelOf<T>>(std::lower_bound(u.begin(), u.end(), v) - u.begin());
+  };
+  ida.resize(na);
+  for (int64_t i = 0; i < na; ++i) ida[i] = id(a[i]);
+  idb.assign(nb + kColBlock, fl::LabelOf<T>(-1));
+  for (int64_t j = 0; j < nb; ++j) idb[j] = id(b[j]);
+}
+
+// The call's pair mask (PairMask of kernels.py); tile() cuts the view of one tile.
+template <typename T>
+struct CallMask {
+  bool labeled = false;
+  std::vector<fl::LabelOf<T>> row_ids, key_ids;
+  int64_t n_keys = 0, offset = 0;
+  bool exclude_diagonal = false, decoupled = false, no_positives = false;
+
+  fl::TileMask<T> tile(int64_t r0, int64_t c0, int64_t cols) const {
+    fl::TileMask<T> t;
+    if (labeled) {
+      t.row_ids = row_ids.data() + r0;
+      t.key_ids = key_ids.data() + c0;
+    }
+    t.cols = cols;
+    t.kend = clamp_cols(n_keys - c0, cols);
+    t.diag0 = r0 + offset - c0;
+    t.exclude_diagonal = exclude_diagonal;
+    t.decoupled = decoupled;
+    t.no_positives = no_positives;
+    return t;
   }
-FL_FWD_TILE(float)
-FL_FWD_TILE(double)
+};
 
-inline void fwd_tile_any(float* z, int64_t ld, int64_t rows, int64_t cols, float scale,
-                         const float* b, const uint8_t* f, int64_t ldf, float* sc,
-                         fl::Lse<float>* l, float* ps, float* pc, int64_t kc, float* cm,
-                         float* cs, float* cps, float* cpc) {
-  fwd_tile_float(z, ld, rows, cols, scale, b, f, ldf, sc, l, ps, pc, kc, cm, cs, cps, cpc);
-}
-inline void fwd_tile_any(double* z, int64_t ld, int64_t rows, int64_t cols, double scale,
-                         const double* b, const uint8_t* f, int64_t ldf, double* sc,
-                         fl::Lse<double>* l, double* ps, double* pc, int64_t kc, double* cm,
-                         double* cs, double* cps, double* cpc) {
-  fwd_tile_double(z, ld, rows, cols, scale, b, f, ldf, sc, l, ps, pc, kc, cm, cs, cps, cpc);
-}
-inline double bwd_tile_any(const float* s, int64_t ld, int64_t rows, int64_t cols, float scale,
-                           const float* b, const uint8_t* f, int64_t ldf, const float* rl,
-                           const float* gr, const float* grp, int64_t kc, const float* cl,
-                           const float* gc, const float* gcp, float* dz, int64_t ldz,
-                           float* db, float* cq, float* cp) {
-  return bwd_tile_float(s, ld, rows, cols, scale, b, f, ldf, rl, gr, grp, kc, cl, gc, gcp, dz,
-                        ldz, db, cq, cp);
-}
-inline double bwd_tile_any(const double* s, int64_t ld, int64_t rows, int64_t cols,
-                           double scale, const double* b, const uint8_t* f, int64_t ldf,
-                           const double* rl, const double* gr, const double* grp, int64_t kc,
-                           const double* cl, const double* gc, const double* gcp, double* dz,
-                           int64_t ldz, double* db, double* cq, double* cp) {
-  return bwd_tile_double(s, ld, rows, cols, scale, b, f, ldf, rl, gr, grp, kc, cl, gc, gcp, dz,
-                         ldz, db, cq, cp);
+struct MaskArgs {
+  optional<Tensor> labels, key_labels;
+  int64_t n_keys, offset;
+  bool exclude_diagonal, decoupled, no_positives;
+};
+
+template <typename T>
+CallMask<T> make_mask(const Tensor& x, const Tensor& y, const MaskArgs& a) {
+  TORCH_CHECK(a.n_keys >= 0 && a.n_keys <= y.size(0), "n_keys must be in [0, M]");
+  CallMask<T> m;
+  if (a.labels.has_value()) {
+    TORCH_CHECK(a.key_labels.has_value(), "key_labels required with labels");
+    check_vector(*a.labels, x.size(0), at::kLong, "labels");
+    check_vector(*a.key_labels, a.n_keys, at::kLong, "key_labels");
+    m.labeled = true;
+    // Keys are padded to M + kColBlock: extra-negative columns read ids too (masked as non-keys).
+    dense_label_ids<T>(a.labels->data_ptr<int64_t>(), x.size(0),
+                       a.key_labels->data_ptr<int64_t>(), a.n_keys, m.row_ids, m.key_ids);
+    m.key_ids.resize(y.size(0) + kColBlock, fl::LabelOf<T>(-1));
+  }
+  m.n_keys = a.n_keys;
+  m.offset = a.offset;
+  m.exclude_diagonal = a.exclude_diagonal;
+  m.decoupled = a.decoupled;
+  m.no_positives = a.no_positives;
+  return m;
 }
 
-// S (rows × cols) = X[r0:r0+rows] · Y[c0:c0+cols]ᵀ into buf (a per-thread tensor).
+// The tile kernels for this CPU: the widest ISA build it can run (csrc/cpu/kernels_*.cpp), or
+// the one named by FUSED_LOSSES_CPU_ISA (generic | avx2 | avx512), which the tests use to check
+// every build this machine can run.
+template <typename T>
+const fl::TileKernels<T>& kern() {
+  static const fl::TileKernels<T>* k = [] {
+    const char* env = std::getenv("FUSED_LOSSES_CPU_ISA");
+    const std::string want = env ? env : "";
+#if FL_X86_BUILDS
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    TORCH_CHECK(want.empty() || want == "generic" || want == "avx2" || want == "avx512",
+                "FUSED_LOSSES_CPU_ISA must be generic, avx2 or avx512, got '", want, "'");
+    TORCH_CHECK(want != "avx512" || avx512, "FUSED_LOSSES_CPU_ISA=avx512: this CPU lacks it");
+    TORCH_CHECK(want != "avx2" || avx2, "FUSED_LOSSES_CPU_ISA=avx2: this CPU lacks AVX2/FMA");
+    if (want == "avx512" || (want.empty() && avx512)) return fl::avx512::kernels((T*)nullptr);
+    if (want == "avx2" || (want.empty() && avx2)) return fl::avx2::kernels((T*)nullptr);
+#else
+    TORCH_CHECK(want.empty() || want == "generic",
+                "FUSED_LOSSES_CPU_ISA: only the generic build exists here, got '", want, "'");
+#endif
+    return fl::generic::kernels((T*)nullptr);
+  }();
+  return *k;
+}
+
+std::string tile_isa() { return kern<float>().isa; }
+
+// S (rows × cols) = X[r0:r0+rows] · Y[c0:c0+cols]ᵀ into buf (a per-thread kRowBlock × kColBlock
+// tensor: rows have stride kColBlock, so the padded tail of each row is readable).
 Tensor sim_tile(const Tensor& x, const Tensor& y, int64_t r0, int64_t rows, int64_t c0,
                 int64_t cols, Tensor& buf) {
   Tensor out = buf.narrow(0, 0, rows).narrow(1, 0, cols);
@@ -129,7 +174,8 @@ Tensor sim_tile(const Tensor& x, const Tensor& y, int64_t r0, int64_t rows, int6
 // Generic passes shared by the losses below: a row-block tile loop, and a gradient pass that turns
 // a per-tile dS into dX = dS·Y and dY = dSᵀ·X (per-thread dY, summed at the end).
 
-// f(tid, r0, rows, c0, cols, const T* s, ld) for every tile, row blocks in parallel.
+// f(tid, r0, rows, c0, cols, T* s, ld) for every tile, row blocks in parallel; s is the thread's
+// buffer (f may overwrite it).
 template <typename T, typename F>
 void for_each_tile(const Tensor& x, const Tensor& y, F&& f) {
   const int64_t n = x.size(0), m = y.size(0);
@@ -141,13 +187,14 @@ void for_each_tile(const Tensor& x, const Tensor& y, F&& f) {
       for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
         const int64_t cols = std::min(kColBlock, m - c0);
         Tensor st = sim_tile(x, y, r0, rows, c0, cols, buf);
-        f(tid, r0, rows, c0, cols, static_cast<const T*>(st.data_ptr<T>()), st.stride(0));
+        f(tid, r0, rows, c0, cols, st.data_ptr<T>(), st.stride(0));
       }
     }
   });
 }
 
-// dS tile from g(tid, r0, rows, c0, cols, s, ld, ds, ldd); returns {dX, dY} = {dS·Y, dSᵀ·X}.
+// dS tile from g(tid, r0, rows, c0, cols, s, ld, ds, ldd) (both buffers kColBlock wide); returns
+// {dX, dY} = {dS·Y, dSᵀ·X}.
 template <typename T, typename G>
 std::pair<Tensor, Tensor> grad_pass(const Tensor& x, const Tensor& y, G&& g) {
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
@@ -176,49 +223,43 @@ std::pair<Tensor, Tensor> grad_pass(const Tensor& x, const Tensor& y, G&& g) {
   return {dx, dy_t.sum(0)};
 }
 
+// Per-thread scratch vectors, each padded for whole-vector reads.
+template <typename T>
+std::vector<std::vector<T>> per_thread(int64_t len, T fill = T(0)) {
+  return std::vector<std::vector<T>>(at::get_num_threads(),
+                                     std::vector<T>(len + kColBlock, fill));
+}
+
+// ------------------------------------------------------------------ InfoNCE family / LSE
+
 template <typename T>
 std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T scale,
-                                         const optional<Tensor>& bias, const fl::PairMask& mask,
+                                         const optional<Tensor>& bias, const CallMask<T>& mask,
                                          bool want_cols) {
-  const int64_t n = x.size(0), nk = mask.n_keys;
+  const int64_t n = x.size(0), m = y.size(0), nk = mask.n_keys;
   auto opts = x.options();
   const int threads = at::get_num_threads();
   Tensor row_ps = at::zeros({n}, opts), row_pc = at::zeros({n}, opts);
   T* rps = row_ps.data_ptr<T>();
   T* rpc = row_pc.data_ptr<T>();
-  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const std::vector<T> bpad = padded_copy<T>(bias ? bias->data_ptr<T>() : nullptr, m);
+  const T* b = bias.has_value() ? bpad.data() : nullptr;
   std::vector<fl::Lse<T>> rows_lse(n);  // a row block belongs to one thread
-  // Per-thread scratch and column state (max/sum, positive sum/count) for the key columns.
-  struct Scratch {
-    std::vector<T> z, zb, cmax, csum, cps, cpc;
-    std::vector<uint8_t> flags;
-    std::vector<fl::Lse<T>> cols;
-  };
-  std::vector<Scratch> sc(threads);
-  for (auto& t : sc) {
-    t.z.resize(kRowBlock * kColBlock);
-    t.zb.resize(kColBlock);
-    t.cmax.resize(kColBlock);
-    t.csum.resize(kColBlock);
-    t.flags.resize(kRowBlock * kColBlock);
-    if (want_cols) {
-      t.cps.assign(nk, T(0));
-      t.cpc.assign(nk, T(0));
-      t.cols.assign(nk, fl::Lse<T>());
-    }
-  }
-  for_each_tile<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-                             const T* s, int64_t ld) {
-    Scratch& t = sc[tid];
-    for (int64_t i = 0; i < rows; ++i)  // z = s, scaled in place by fwd_tile
-      std::copy(s + i * ld, s + i * ld + cols, t.z.data() + i * kColBlock);
-    fl::tile_flags(mask, r0, rows, c0, cols, t.flags.data(), kColBlock);
-    const int64_t kc = want_cols && c0 < nk ? std::min(cols, nk - c0) : 0;
-    fwd_tile_any(t.z.data(), kColBlock, rows, cols, scale, b ? b + c0 : nullptr, t.flags.data(),
-                 kColBlock, t.zb.data(), rows_lse.data() + r0, rps + r0, rpc + r0, kc,
-                 kc ? t.cmax.data() : nullptr, t.csum.data(),
-                 kc ? t.cps.data() + c0 : nullptr, kc ? t.cpc.data() + c0 : nullptr);
-    for (int64_t j = 0; j < kc; ++j) t.cols[c0 + j].merge(t.cmax[j], t.csum[j]);
+  // Per-thread column state: this tile's max/sum, and the key columns' positives and LSE.
+  auto tile_max = per_thread<T>(0), tile_sum = per_thread<T>(0);
+  auto col_ps = per_thread<T>(want_cols ? nk : 0), col_pc = per_thread<T>(want_cols ? nk : 0);
+  std::vector<std::vector<fl::Lse<T>>> cols_lse(threads,
+                                                std::vector<fl::Lse<T>>(want_cols ? nk : 0));
+  for_each_tile<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* s,
+                             int64_t ld) {
+    const fl::TileMask<T> tm = mask.tile(r0, c0, cols);
+    const int64_t kc = want_cols ? clamp_cols(nk - c0, cols) : 0;
+    const fl::ColStats<T> cs{tile_max[tid].data(), tile_sum[tid].data(),
+                             kc ? col_ps[tid].data() + c0 : nullptr,
+                             kc ? col_pc[tid].data() + c0 : nullptr};
+    kern<T>().lse_fwd(s, ld, rows, scale, b ? b + c0 : nullptr, tm, rows_lse.data() + r0, rps + r0,
+            rpc + r0, kc ? &cs : nullptr);
+    for (int64_t j = 0; j < kc; ++j) cols_lse[tid][c0 + j].merge(cs.max[j], cs.sum[j]);
   });
   Tensor row_lse = at::empty({n}, opts);
   for (int64_t i = 0; i < n; ++i) row_lse.data_ptr<T>()[i] = rows_lse[i].value();
@@ -227,9 +268,9 @@ std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T sca
   for (int64_t j = 0; j < nk; ++j) {
     fl::Lse<T> acc;
     for (int t = 0; t < threads; ++t) {
-      acc.merge(sc[t].cols[j].max, sc[t].cols[j].sum);
-      cps.data_ptr<T>()[j] += sc[t].cps[j];
-      cpc.data_ptr<T>()[j] += sc[t].cpc[j];
+      acc.merge(cols_lse[t][j].max, cols_lse[t][j].sum);
+      cps.data_ptr<T>()[j] += col_ps[t][j];
+      cpc.data_ptr<T>()[j] += col_pc[t][j];
     }
     col_lse.data_ptr<T>()[j] = acc.value();
   }
@@ -246,55 +287,63 @@ std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<T
   y = y.detach();
   check_pair(x, y);
   check_bias(bias, x, y);
-  auto mask = make_mask(x, y, labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
-                        no_positives);
+  const MaskArgs args{labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+                      no_positives};
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
-    return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask, want_cols);
+    return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias,
+                                          make_mask<scalar_t>(x, y, args), want_cols);
   });
 }
 
 template <typename T>
 std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T scale,
-                                         const optional<Tensor>& bias, const fl::PairMask& mask,
+                                         const optional<Tensor>& bias, const CallMask<T>& mask,
                                          const Tensor& row_lse, const Tensor& g_row,
                                          const Tensor& g_rowpos, const optional<Tensor>& col_lse,
                                          const optional<Tensor>& g_col,
                                          const optional<Tensor>& g_colpos) {
-  const int64_t m = y.size(0), nk = mask.n_keys;
+  const int64_t n = x.size(0), m = y.size(0), nk = mask.n_keys;
   auto opts = x.options();
   const int threads = at::get_num_threads();
-  Tensor dbias_t = at::zeros({threads, m}, opts);
-  std::vector<double> dscale_t(threads, 0.0);
-  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  check_vector(row_lse, n, x.scalar_type(), "row_lse");
+  check_vector(g_row, n, x.scalar_type(), "g_row");
+  check_vector(g_rowpos, n, x.scalar_type(), "g_rowpos");
+  const bool cols_on = col_lse.has_value();
+  if (cols_on) {
+    TORCH_CHECK(g_col.has_value() && g_colpos.has_value(), "col_lse needs g_col and g_colpos");
+    check_vector(*col_lse, nk, x.scalar_type(), "col_lse");
+    check_vector(*g_col, nk, x.scalar_type(), "g_col");
+    check_vector(*g_colpos, nk, x.scalar_type(), "g_colpos");
+  }
+  const std::vector<T> bpad = padded_copy<T>(bias ? bias->data_ptr<T>() : nullptr, m);
+  const T* b = bias.has_value() ? bpad.data() : nullptr;
   const T* rl = row_lse.data_ptr<T>();
   const T* gr = g_row.data_ptr<T>();
   const T* grp = g_rowpos.data_ptr<T>();
-  const bool cols_on = col_lse.has_value();
-  const T* cl = cols_on ? col_lse->data_ptr<T>() : nullptr;
-  const T* gc = cols_on ? g_col->data_ptr<T>() : nullptr;
-  const T* gcp = cols_on ? g_colpos->data_ptr<T>() : nullptr;
-  std::vector<std::vector<uint8_t>> flags(threads, std::vector<uint8_t>(kRowBlock * kColBlock));
-  std::vector<std::vector<T>> colq(threads, std::vector<T>(kColBlock)),
-      colp(threads, std::vector<T>(kColBlock));
+  // Column arrays padded with zeros (masked past the key columns).
+  const std::vector<T> cl = padded_copy<T>(cols_on ? col_lse->data_ptr<T>() : nullptr, nk);
+  const std::vector<T> gc = padded_copy<T>(cols_on ? g_col->data_ptr<T>() : nullptr, nk);
+  const std::vector<T> gcp = padded_copy<T>(cols_on ? g_colpos->data_ptr<T>() : nullptr, nk);
+  auto dbias_t = per_thread<T>(bias ? m : 0);
+  std::vector<double> dscale_t(threads, 0.0);
   auto grads = grad_pass<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0,
-                                      int64_t cols, const T* s, int64_t ld, T* dz,
-                                      int64_t ldz) {
-    fl::tile_flags(mask, r0, rows, c0, cols, flags[tid].data(), kColBlock);
-    const int64_t kc = cols_on && c0 < nk ? std::min(cols, nk - c0) : 0;
-    T* db = dbias_t[tid].data_ptr<T>();
-    dscale_t[tid] += bwd_tile_any(s, ld, rows, cols, scale, b ? b + c0 : nullptr,
-                                  flags[tid].data(), kColBlock, rl + r0, gr + r0, grp + r0, kc,
-                                  kc ? cl + c0 : nullptr, kc ? gc + c0 : nullptr,
-                                  kc ? gcp + c0 : nullptr, dz, ldz, b ? db + c0 : nullptr,
-                                  colq[tid].data(), colp[tid].data());
-    for (int64_t i = 0; i < rows; ++i)  // dX = scale·dZ·Y, dY = scale·dZᵀ·X
-      for (int64_t j = 0; j < cols; ++j) dz[i * ldz + j] *= scale;
+                                      int64_t cols, const T* s, int64_t ld, T* ds,
+                                      int64_t ldd) {
+    const fl::TileMask<T> tm = mask.tile(r0, c0, cols);
+    const int64_t kc = cols_on ? clamp_cols(nk - c0, cols) : 0;
+    const fl::ColGrad<T> cg{cl.data() + c0, gc.data() + c0, gcp.data() + c0, kc};
+    dscale_t[tid] += kern<T>().lse_bwd(s, ld, rows, scale, b ? b + c0 : nullptr, tm, rl + r0, gr + r0,
+                             grp + r0, kc ? &cg : nullptr,
+                             b ? dbias_t[tid].data() + c0 : nullptr, ds, ldd);
   });
   double dscale = 0.0;
   for (double v : dscale_t) dscale += v;
   Tensor dscale_out = at::full({}, dscale, opts);
   if (!bias.has_value()) return {grads.first, grads.second, dscale_out};
-  return {grads.first, grads.second, dscale_out, dbias_t.sum(0)};
+  Tensor dbias = at::zeros({m}, opts);
+  for (int t = 0; t < threads; ++t)
+    for (int64_t j = 0; j < m; ++j) dbias.data_ptr<T>()[j] += dbias_t[t][j];
+  return {grads.first, grads.second, dscale_out, dbias};
 }
 
 std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
@@ -303,18 +352,20 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
                                     bool decoupled, bool no_positives, Tensor row_lse,
                                     Tensor g_row, Tensor g_rowpos, optional<Tensor> col_lse,
                                     optional<Tensor> g_col, optional<Tensor> g_colpos) {
-  // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
-  // parallel workers would not see a NoGradGuard).
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
   check_bias(bias, x, y);
-  auto mask = make_mask(x, y, labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
-                        no_positives);
+  const MaskArgs args{labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
+                      no_positives};
+  auto c = [](const optional<Tensor>& t) -> optional<Tensor> {
+    return t.has_value() ? optional<Tensor>(t->contiguous()) : t;
+  };
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_bwd", [&] {
-    return contrastive_bwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias, mask,
-                                          row_lse.contiguous(), g_row.contiguous(),
-                                          g_rowpos.contiguous(), col_lse, g_col, g_colpos);
+    return contrastive_bwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias,
+                                          make_mask<scalar_t>(x, y, args), row_lse.contiguous(),
+                                          g_row.contiguous(), g_rowpos.contiguous(), c(col_lse),
+                                          c(g_col), c(g_colpos));
   });
 }
 
@@ -339,7 +390,7 @@ std::vector<Tensor> siglip_fwd(Tensor x, Tensor y, Tensor scale, Tensor bias, in
         for (int64_t j = 0; j < cols; ++j) {
           const T sign = j == diag ? T(1) : T(-1);
           const T t = -sign * (sc * s[i * ld + j] + b);  // softplus(t), stably
-          acc += (t > 0 ? t : T(0)) + std::log1p(fl::exp_f(-std::abs(t)));
+          acc += (t > 0 ? t : T(0)) + std::log1p(std::exp(-std::abs(t)));
         }
         o[r0 + i] += acc;
       }
@@ -368,7 +419,7 @@ std::vector<Tensor> siglip_bwd(Tensor x, Tensor y, Tensor scale, Tensor bias, in
         for (int64_t j = 0; j < cols; ++j) {
           const T sign = j == diag ? T(1) : T(-1);
           const T u = -sign * (sc * s[i * ld + j] + b);
-          const T sig = T(1) / (T(1) + fl::exp_f(-u));  // sigmoid(u)
+          const T sig = T(1) / (T(1) + std::exp(-u));  // sigmoid(u)
           const T gz = -gr[r0 + i] * sign * sig;         // dL/dlogit
           ds[i * ldd + j] = sc * gz;
           ds_s += static_cast<double>(gz) * s[i * ld + j];
@@ -387,24 +438,28 @@ std::vector<Tensor> siglip_bwd(Tensor x, Tensor y, Tensor scale, Tensor bias, in
 
 // ------------------------------------------------------------------------ multi-similarity
 
-struct MsArgs {
-  const int64_t* labels;
-  const int64_t* ref_labels;
+// Label ids of rows and (padded) reference columns, and the self-pair rule, of one call.
+template <typename T>
+struct MsCall {
+  std::vector<fl::LabelOf<T>> row_ids, ref_ids;
   int64_t offset;
   bool exclude_self;
+  fl::MsMask<T> tile(int64_t r0, int64_t c0, int64_t cols) const {
+    return {row_ids.data() + r0, ref_ids.data() + c0, cols, r0 + offset - c0, exclude_self};
+  }
 };
 
-// bit 0: positive, bit 1: negative (self pairs are neither when excluded).
-inline int ms_flags(const MsArgs& a, int64_t gi, int64_t gj) {
-  if (a.exclude_self && gj == gi + a.offset) return 0;
-  return a.labels[gi] == a.ref_labels[gj] ? 1 : 2;
-}
-
-MsArgs ms_args(const Tensor& x, const Tensor& y, const Tensor& labels, const Tensor& ref_labels,
-               int64_t offset, bool exclude_self) {
+template <typename T>
+MsCall<T> ms_call(const Tensor& x, const Tensor& y, const Tensor& labels,
+                  const Tensor& ref_labels, int64_t offset, bool exclude_self) {
   check_vector(labels, x.size(0), at::kLong, "labels");
   check_vector(ref_labels, y.size(0), at::kLong, "ref_labels");
-  return {labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), offset, exclude_self};
+  MsCall<T> c;
+  dense_label_ids<T>(labels.data_ptr<int64_t>(), x.size(0), ref_labels.data_ptr<int64_t>(),
+                     y.size(0), c.row_ids, c.ref_ids);
+  c.offset = offset;
+  c.exclude_self = exclude_self;
+  return c;
 }
 
 std::vector<Tensor> ms_mine(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int64_t offset,
@@ -412,42 +467,46 @@ std::vector<Tensor> ms_mine(Tensor x, Tensor y, Tensor labels, Tensor ref_labels
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  const MsArgs a = ms_args(x, y, labels, ref_labels, offset, exclude_self);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_mine", [&] {
     using T = scalar_t;
+    const MsCall<T> call = ms_call<T>(x, y, labels, ref_labels, offset, exclude_self);
     const T inf = std::numeric_limits<T>::infinity();
     Tensor min_pos = at::full({x.size(0)}, inf, x.options());
     Tensor max_neg = at::full({x.size(0)}, -inf, x.options());
     T* mp = min_pos.data_ptr<T>();
     T* mn = max_neg.data_ptr<T>();
-    for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-                               const T* s, int64_t ld) {
-      for (int64_t i = 0; i < rows; ++i) {
-        T lo = mp[r0 + i], hi = mn[r0 + i];
-        for (int64_t j = 0; j < cols; ++j) {
-          const int f = ms_flags(a, r0 + i, c0 + j);
-          const T v = s[i * ld + j];
-          if ((f & 1) && v < lo) lo = v;
-          if ((f & 2) && v > hi) hi = v;
-        }
-        mp[r0 + i] = lo;
-        mn[r0 + i] = hi;
-      }
+    for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* s,
+                               int64_t ld) {
+      kern<T>().ms_mine(s, ld, rows, call.tile(r0, c0, cols), mp + r0, mn + r0);
     });
     return std::vector<Tensor>{min_pos, max_neg};
   });
 }
 
-// Kept pairs and their exponents u = -α(s-base) (positives) or β(s-base) (negatives).
 template <typename T>
-inline int ms_kept(const MsArgs& a, int64_t gi, int64_t gj, T s, bool mining, T eps, T min_pos,
-                   T max_neg) {
-  int f = ms_flags(a, gi, gj);
+fl::MsParams<T> ms_params(double alpha, double beta, double base,
+                          const std::optional<double>& epsilon,
+                          const std::optional<Tensor>& min_pos,
+                          const std::optional<Tensor>& max_neg, int64_t n) {
+  const bool mining = epsilon.has_value();
   if (mining) {
-    if ((f & 1) && !(s - eps < max_neg)) f &= ~1;
-    if ((f & 2) && !(s + eps > min_pos)) f &= ~2;
+    TORCH_CHECK(min_pos.has_value() && max_neg.has_value(), "mining needs min_pos and max_neg");
+    check_vector(*min_pos, n, c10::CppTypeToScalarType<T>::value, "min_pos");
+    check_vector(*max_neg, n, c10::CppTypeToScalarType<T>::value, "max_neg");
   }
-  return f;
+  return {static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(base),
+          mining ? static_cast<T>(*epsilon) : T(0), mining,
+          mining ? min_pos->data_ptr<T>() : nullptr, mining ? max_neg->data_ptr<T>() : nullptr};
+}
+
+// The tile view of MsParams: per-row thresholds from row r0 on.
+template <typename T>
+fl::MsParams<T> ms_rows(fl::MsParams<T> p, int64_t r0) {
+  if (p.mining) {
+    p.min_pos += r0;
+    p.max_neg += r0;
+  }
+  return p;
 }
 
 std::vector<Tensor> ms_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int64_t offset,
@@ -457,44 +516,18 @@ std::vector<Tensor> ms_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  const MsArgs a = ms_args(x, y, labels, ref_labels, offset, exclude_self);
-  const bool mining = epsilon.has_value();
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_fwd", [&] {
     using T = scalar_t;
     const int64_t n = x.size(0);
+    const MsCall<T> call = ms_call<T>(x, y, labels, ref_labels, offset, exclude_self);
+    const fl::MsParams<T> prm = ms_params<T>(alpha, beta, base, epsilon, min_pos, max_neg, n);
     // Online LSEs seeded with the value 0 (the "1 +" of log(1 + Σ exp)).
     std::vector<fl::Lse<T>> pos(n), neg(n);
     for (int64_t i = 0; i < n; ++i) { pos[i].merge(T(0), T(1)); neg[i].merge(T(0), T(1)); }
-    const T* mp = mining ? min_pos->data_ptr<T>() : nullptr;
-    const T* mn = mining ? max_neg->data_ptr<T>() : nullptr;
-    const T eps = mining ? static_cast<T>(*epsilon) : T(0);
-    const T al = static_cast<T>(alpha), be = static_cast<T>(beta), bs = static_cast<T>(base);
-    std::vector<std::vector<T>> scratch(at::get_num_threads(), std::vector<T>(2 * kColBlock));
-    for_each_tile<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-                               const T* s, int64_t ld) {
-      T* up = scratch[tid].data();
-      T* un = up + kColBlock;
-      const T ninf = -std::numeric_limits<T>::infinity();
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t gi = r0 + i;
-        T mxp = ninf, mxn = ninf;
-        for (int64_t j = 0; j < cols; ++j) {
-          const T v = s[i * ld + j];
-          const int f = ms_kept<T>(a, gi, c0 + j, v, mining, eps, mining ? mp[gi] : T(0),
-                                   mining ? mn[gi] : T(0));
-          up[j] = (f & 1) ? -al * (v - bs) : ninf;
-          un[j] = (f & 2) ? be * (v - bs) : ninf;
-          mxp = up[j] > mxp ? up[j] : mxp;
-          mxn = un[j] > mxn ? un[j] : mxn;
-        }
-        T sp = 0, sn = 0;
-        for (int64_t j = 0; j < cols; ++j) {
-          sp += mxp == ninf ? T(0) : fl::exp_f(up[j] - mxp);
-          sn += mxn == ninf ? T(0) : fl::exp_f(un[j] - mxn);
-        }
-        pos[gi].merge(mxp, sp);
-        neg[gi].merge(mxn, sn);
-      }
+    for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* s,
+                               int64_t ld) {
+      kern<T>().ms_fwd(s, ld, rows, call.tile(r0, c0, cols), ms_rows(prm, r0), pos.data() + r0,
+             neg.data() + r0);
     });
     Tensor pos_lse = at::empty({n}, x.options()), neg_lse = at::empty({n}, x.options());
     for (int64_t i = 0; i < n; ++i) {
@@ -502,6 +535,92 @@ std::vector<Tensor> ms_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
       neg_lse.data_ptr<T>()[i] = neg[i].value();
     }
     return std::vector<Tensor>{pos_lse, neg_lse};
+  });
+}
+
+// Mining and the forward in one GEMM pass.  Each thread computes a strip of S (all columns of a
+// few rows) into a buffer of at most kStripBytes: the row minima/maxima are known once the strip
+// is done, and they are also the stability shifts of the two LSEs (the kept pair with the
+// largest exponent is the mined extreme itself), so one exponential per pair follows.  Wider
+// problems (a strip of fewer than 64 rows) take a mining pass and a forward pass.
+constexpr int64_t kStripBytes = int64_t(16) << 20;
+
+std::vector<Tensor> ms_mine_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
+                                int64_t offset, bool exclude_self, double alpha, double beta,
+                                double base, std::optional<double> epsilon) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+  TORCH_CHECK(alpha > 0 && beta > 0, "alpha and beta must be positive");
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_mine_fwd", [&] {
+    using T = scalar_t;
+    const int64_t n = x.size(0), m = y.size(0);
+    const MsCall<T> call = ms_call<T>(x, y, labels, ref_labels, offset, exclude_self);
+    const T inf = std::numeric_limits<T>::infinity();
+    Tensor min_pos = at::full({n}, inf, x.options());
+    Tensor max_neg = at::full({n}, -inf, x.options());
+    Tensor pos_lse = at::empty({n}, x.options()), neg_lse = at::empty({n}, x.options());
+    T* mp = min_pos.data_ptr<T>();
+    T* mn = max_neg.data_ptr<T>();
+    T* pl = pos_lse.data_ptr<T>();
+    T* nl = neg_lse.data_ptr<T>();
+    fl::MsParams<T> prm{static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(base),
+                        epsilon ? static_cast<T>(*epsilon) : T(0), epsilon.has_value(), mp, mn};
+    const int64_t width = num_blocks(m, kColBlock) * kColBlock;
+    const int64_t strip_rows =
+        std::min<int64_t>(kRowBlock, kStripBytes / (width * int64_t(sizeof(T))) / 16 * 16);
+    if (strip_rows < 64) {
+      for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* s,
+                                 int64_t ld) {
+        kern<T>().ms_mine(s, ld, rows, call.tile(r0, c0, cols), mp + r0, mn + r0);
+      });
+      std::vector<fl::Lse<T>> pos(n), neg(n);
+      for (int64_t i = 0; i < n; ++i) { pos[i].merge(T(0), T(1)); neg[i].merge(T(0), T(1)); }
+      for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols, T* s,
+                                 int64_t ld) {
+        kern<T>().ms_fwd(s, ld, rows, call.tile(r0, c0, cols), ms_rows(prm, r0), pos.data() + r0,
+                    neg.data() + r0);
+      });
+      for (int64_t i = 0; i < n; ++i) { pl[i] = pos[i].value(); nl[i] = neg[i].value(); }
+      return std::vector<Tensor>{min_pos, max_neg, pos_lse, neg_lse};
+    }
+    at::parallel_for(0, num_blocks(n, strip_rows), 1, [&](int64_t blo, int64_t bhi) {
+      Tensor strip = at::empty({strip_rows, width}, x.options());
+      T* sp0 = strip.data_ptr<T>();
+      std::vector<T> shp(strip_rows), shn(strip_rows), sum_p(strip_rows), sum_n(strip_rows);
+      for (int64_t blk = blo; blk < bhi; ++blk) {
+        const int64_t r0 = blk * strip_rows, rows = std::min(strip_rows, n - r0);
+        for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+          const int64_t cols = std::min(kColBlock, m - c0);
+          Tensor out = strip.narrow(0, 0, rows).narrow(1, c0, cols);
+          at::mm_out(out, x.narrow(0, r0, rows), y.narrow(0, c0, cols).t());
+          TORCH_CHECK(out.data_ptr<T>() == sp0 + c0 && out.stride(0) == width);
+          kern<T>().ms_mine(sp0 + c0, width, rows, call.tile(r0, c0, cols), mp + r0, mn + r0);
+        }
+        for (int64_t i = 0; i < rows; ++i) {  // the exponents of the mined extremes
+          const T lo = mp[r0 + i], hi = mn[r0 + i];
+          shp[i] = lo == inf ? T(0) : (lo - prm.base) * -prm.alpha;
+          shn[i] = hi == -inf ? T(0) : (hi - prm.base) * prm.beta;
+          sum_p[i] = sum_n[i] = T(0);
+        }
+        for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+          const int64_t cols = std::min(kColBlock, m - c0);
+          kern<T>().ms_sums(sp0 + c0, width, rows, call.tile(r0, c0, cols), ms_rows(prm, r0),
+                       shp.data(), shn.data(), sum_p.data(), sum_n.data());
+        }
+        for (int64_t i = 0; i < rows; ++i) {  // log(1 + Σ): seeded with the value 0
+          fl::Lse<T> lp, ln;
+          lp.merge(T(0), T(1));
+          ln.merge(T(0), T(1));
+          // A side that keeps nothing sums to 0 (else its extreme contributes exp(0) = 1).
+          if (sum_p[i] > T(0)) lp.merge(shp[i], sum_p[i]);
+          if (sum_n[i] > T(0)) ln.merge(shn[i], sum_n[i]);
+          pl[r0 + i] = lp.value();
+          nl[r0 + i] = ln.value();
+        }
+      }
+    });
+    return std::vector<Tensor>{min_pos, max_neg, pos_lse, neg_lse};
   });
 }
 
@@ -513,32 +632,24 @@ std::vector<Tensor> ms_bwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
-  const MsArgs a = ms_args(x, y, labels, ref_labels, offset, exclude_self);
-  const bool mining = epsilon.has_value();
+  pos_lse = pos_lse.contiguous();
+  neg_lse = neg_lse.contiguous();
   g = g.contiguous();
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_bwd", [&] {
     using T = scalar_t;
-    const T* mp = mining ? min_pos->data_ptr<T>() : nullptr;
-    const T* mn = mining ? max_neg->data_ptr<T>() : nullptr;
+    const int64_t n = x.size(0);
+    const MsCall<T> call = ms_call<T>(x, y, labels, ref_labels, offset, exclude_self);
+    const fl::MsParams<T> prm = ms_params<T>(alpha, beta, base, epsilon, min_pos, max_neg, n);
+    check_vector(pos_lse, n, x.scalar_type(), "pos_lse");
+    check_vector(neg_lse, n, x.scalar_type(), "neg_lse");
+    check_vector(g, n, x.scalar_type(), "g");
     const T* pl = pos_lse.data_ptr<T>();
     const T* nl = neg_lse.data_ptr<T>();
     const T* gg = g.data_ptr<T>();
-    const T eps = mining ? static_cast<T>(*epsilon) : T(0);
-    const T al = static_cast<T>(alpha), be = static_cast<T>(beta), bs = static_cast<T>(base);
     auto grads = grad_pass<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
                                         const T* s, int64_t ld, T* ds, int64_t ldd) {
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t gi = r0 + i;
-        for (int64_t j = 0; j < cols; ++j) {
-          const T v = s[i * ld + j];
-          const int f = ms_kept<T>(a, gi, c0 + j, v, mining, eps, mining ? mp[gi] : T(0),
-                                   mining ? mn[gi] : T(0));
-          T d = 0;
-          if (f & 1) d -= fl::exp_f(-al * (v - bs) - pl[gi]);
-          if (f & 2) d += fl::exp_f(be * (v - bs) - nl[gi]);
-          ds[i * ldd + j] = gg[gi] * d;
-        }
-      }
+      kern<T>().ms_bwd(s, ld, rows, call.tile(r0, c0, cols), ms_rows(prm, r0), pl + r0, nl + r0, gg + r0,
+             ds, ldd);
     });
     return std::vector<Tensor>{grads.first, grads.second};
   });
@@ -560,15 +671,16 @@ std::vector<Tensor> softmax_matmul_fwd(Tensor x, Tensor y, Tensor v, Tensor scal
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_matmul_fwd", [&] {
     using T = scalar_t;
     const T sc = scale.item<T>();
-    const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
     const int64_t n = x.size(0), m = y.size(0), e = v.size(1);
+    const std::vector<T> bpad = padded_copy<T>(bias ? bias->data_ptr<T>() : nullptr, m);
+    const T* b = bias.has_value() ? bpad.data() : nullptr;
     Tensor out = at::zeros({n, e}, x.options());
     Tensor lse = at::empty({n}, x.options());
     T* lp = lse.data_ptr<T>();
     const T ninf = -std::numeric_limits<T>::infinity();
     at::parallel_for(0, num_blocks(n, kRowBlock), 1, [&](int64_t blo, int64_t bhi) {
       Tensor buf = at::empty({kRowBlock, kColBlock}, x.options());
-      std::vector<T> mx(kRowBlock), sm(kRowBlock);
+      std::vector<T> mx(kRowBlock), sm(kRowBlock), rescale(kRowBlock);
       for (int64_t blk = blo; blk < bhi; ++blk) {
         const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
         Tensor acc = out.narrow(0, r0, rows);
@@ -576,28 +688,9 @@ std::vector<Tensor> softmax_matmul_fwd(Tensor x, Tensor y, Tensor v, Tensor scal
         std::fill(sm.begin(), sm.end(), T(0));
         for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
           const int64_t cols = std::min(kColBlock, m - c0);
-          Tensor st = sim_tile(x, y, r0, rows, c0, cols, buf);
-          T* z = st.data_ptr<T>();
-          const int64_t ld = st.stride(0);
-          std::vector<T> rescale(rows);
-          for (int64_t i = 0; i < rows; ++i) {
-            T* zi = z + i * ld;
-            T tmax = ninf;
-            for (int64_t j = 0; j < cols; ++j) {
-              zi[j] = sc * zi[j] + (b ? b[c0 + j] : T(0));
-              tmax = zi[j] > tmax ? zi[j] : tmax;
-            }
-            const T mnew = tmax > mx[i] ? tmax : mx[i];
-            const T msafe = mnew == ninf ? T(0) : mnew;
-            T rowsum = 0;
-            for (int64_t j = 0; j < cols; ++j) {
-              zi[j] = fl::exp_f(zi[j] - msafe);  // the tile now holds P (unnormalized)
-              rowsum += zi[j];
-            }
-            rescale[i] = mx[i] == ninf ? T(0) : fl::exp_f(mx[i] - msafe);
-            sm[i] = sm[i] * rescale[i] + rowsum;
-            mx[i] = mnew;
-          }
+          Tensor st = sim_tile(x, y, r0, rows, c0, cols, buf);  // becomes P (unnormalized)
+          kern<T>().softmax_rows(st.data_ptr<T>(), st.stride(0), rows, cols, sc, b ? b + c0 : nullptr,
+                       mx.data(), sm.data(), rescale.data());
           acc.mul_(at::from_blob(rescale.data(), {rows, 1}, x.options()));
           acc.addmm_(st, v.narrow(0, c0, cols));
         }
@@ -616,46 +709,51 @@ std::vector<Tensor> softmax_matmul_bwd(Tensor x, Tensor y, Tensor v, Tensor scal
   y = y.detach();
   v = v.detach().contiguous();
   check_pair(x, y);
+  check_bias(bias, x, y);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.scalar_type() == x.scalar_type(),
+              "v must be (M, E) in the dtype of x");
   g_out = g_out.contiguous();
+  lse = lse.contiguous();
+  TORCH_CHECK(g_out.sizes() == at::IntArrayRef({x.size(0), v.size(1)}) &&
+                  out.sizes() == g_out.sizes(), "out and g_out must be (N, E)");
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "softmax_matmul_bwd", [&] {
     using T = scalar_t;
     const T sc = scale.item<T>();
-    const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
     const int64_t m = y.size(0);
     const int threads = at::get_num_threads();
+    check_vector(lse, x.size(0), x.scalar_type(), "lse");
+    const std::vector<T> bpad = padded_copy<T>(bias ? bias->data_ptr<T>() : nullptr, m);
+    const T* b = bias.has_value() ? bpad.data() : nullptr;
     Tensor delta = (g_out * out).sum(1).contiguous();  // rowsum(g_out ∘ out)
     const T* dl = delta.data_ptr<T>();
-    const T* lp = lse.contiguous().data_ptr<T>();
+    const T* lp = lse.data_ptr<T>();
     Tensor dv_t = at::zeros({threads, m, v.size(1)}, x.options());
-    Tensor dbias_t = at::zeros({threads, m}, x.options());
+    auto dbias_t = per_thread<T>(bias ? m : 0);
+    std::vector<Tensor> dp_buf(threads);
+    for (auto& t : dp_buf) t = at::empty({kRowBlock, kColBlock}, x.options());
     std::vector<double> dscale(threads, 0.0);
     auto grads = grad_pass<T>(x, y, [&](int tid, int64_t r0, int64_t rows, int64_t c0,
                                         int64_t cols, const T* s, int64_t ld, T* ds,
                                         int64_t ldd) {
       // P tile (into ds), then dv += Pᵀ g_out and dP = g_out vᵀ (GEMMs on this tile).
+      kern<T>().softmax_probs(s, ld, rows, cols, sc, b ? b + c0 : nullptr, lp + r0, ds, ldd);
       Tensor p = at::from_blob(ds, {rows, cols}, {ldd, 1}, x.options());
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < cols; ++j)
-          ds[i * ldd + j] = fl::exp_f(sc * s[i * ld + j] + (b ? b[c0 + j] : T(0)) - lp[r0 + i]);
       dv_t[tid].narrow(0, c0, cols).addmm_(p.t(), g_out.narrow(0, r0, rows));
-      Tensor dp = at::mm(g_out.narrow(0, r0, rows), v.narrow(0, c0, cols).t());
-      const T* dpp = dp.data_ptr<T>();
-      T* db = dbias_t[tid].data_ptr<T>();
-      double acc = 0.0;
-      for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t j = 0; j < cols; ++j) {
-          const T dz = ds[i * ldd + j] * (dpp[i * cols + j] - dl[r0 + i]);
-          acc += static_cast<double>(dz) * s[i * ld + j];
-          db[c0 + j] += dz;
-          ds[i * ldd + j] = sc * dz;  // grad_pass multiplies by Y / X
-        }
-      }
-      dscale[tid] += acc;
+      Tensor dp = dp_buf[tid].narrow(0, 0, rows).narrow(1, 0, cols);
+      at::mm_out(dp, g_out.narrow(0, r0, rows), v.narrow(0, c0, cols).t());
+      dscale[tid] += kern<T>().softmax_grad(s, ld, rows, cols, sc, dp.data_ptr<T>(), dp.stride(0),
+                                  dl + r0, ds, ldd, b ? dbias_t[tid].data() + c0 : nullptr);
     });
     double dsc = 0.0;
     for (double d : dscale) dsc += d;
-    std::vector<Tensor> res{grads.first, grads.second, dv_t.sum(0), at::full({}, dsc, x.options())};
-    if (bias.has_value()) res.push_back(dbias_t.sum(0));
+    std::vector<Tensor> res{grads.first, grads.second, dv_t.sum(0),
+                            at::full({}, dsc, x.options())};
+    if (bias.has_value()) {
+      Tensor db = at::zeros({m}, x.options());
+      for (int t = 0; t < threads; ++t)
+        for (int64_t j = 0; j < m; ++j) db.data_ptr<T>()[j] += dbias_t[t][j];
+      res.push_back(db);
+    }
     return res;
   });
 }
@@ -709,15 +807,22 @@ std::vector<Tensor> topk(Tensor x, Tensor y, int64_t k, bool exclude_diagonal) {
 
 }  // namespace
 
+// Kernels registered for the CPU dispatch key only (schemas inferred from the signatures), so
+// fused_losses/cpu_backend.py can give each a fake (meta) implementation: under torch.compile
+// they are opaque ops of the graph.  Autograd is fused.py's business (autograd Functions).
 TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
-  m.def("contrastive_fwd", &contrastive_fwd);
-  m.def("contrastive_bwd", &contrastive_bwd);
-  m.def("siglip_fwd", &siglip_fwd);
-  m.def("siglip_bwd", &siglip_bwd);
-  m.def("ms_mine", &ms_mine);
-  m.def("ms_fwd", &ms_fwd);
-  m.def("ms_bwd", &ms_bwd);
-  m.def("softmax_matmul_fwd", &softmax_matmul_fwd);
-  m.def("softmax_matmul_bwd", &softmax_matmul_bwd);
-  m.def("topk", &topk);
+#define FL_CPU_OP(name) m.def(#name, torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(name)))
+  FL_CPU_OP(contrastive_fwd);
+  FL_CPU_OP(contrastive_bwd);
+  FL_CPU_OP(siglip_fwd);
+  FL_CPU_OP(siglip_bwd);
+  FL_CPU_OP(ms_mine);
+  FL_CPU_OP(ms_fwd);
+  FL_CPU_OP(ms_mine_fwd);
+  FL_CPU_OP(ms_bwd);
+  FL_CPU_OP(softmax_matmul_fwd);
+  FL_CPU_OP(softmax_matmul_bwd);
+  FL_CPU_OP(topk);
+#undef FL_CPU_OP
+  m.def("tile_isa", &tile_isa);
 }

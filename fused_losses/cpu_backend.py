@@ -67,6 +67,12 @@ class CpuKernels:
                                    ref_labels.contiguous(), offset, exclude_self, alpha, beta,
                                    base, epsilon, min_pos, max_neg))
 
+    def ms_mine_fwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base,
+                    epsilon):
+        return tuple(_ops().ms_mine_fwd(_native(x), _native(y), labels.contiguous(),
+                                        ref_labels.contiguous(), offset, exclude_self, alpha,
+                                        beta, base, epsilon))
+
     def ms_bwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
                min_pos, max_neg, pos_lse, neg_lse, g):
         return tuple(_ops().ms_bwd(_native(x), _native(y), labels.contiguous(),
@@ -93,6 +99,80 @@ class CpuKernels:
 
 def _availability():
     return _ext.cpu_ext_unavailable_reason()
+
+
+# Fake (meta) implementations of the compiled kernels: output shapes and dtypes only, so that
+# torch.compile can trace through fused.py's autograd Functions with these ops left opaque.
+def _vec(t, n):
+    return t.new_empty((n,))
+
+
+def _fake_contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
+                          exclude_diagonal, decoupled, no_positives, want_cols):
+    n = x.shape[0]
+    out = [_vec(x, n), _vec(x, n), _vec(x, n)]
+    if want_cols:
+        out += [_vec(x, n_keys), _vec(x, n_keys), _vec(x, n_keys)]
+    return out
+
+
+def _fake_contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
+                          exclude_diagonal, decoupled, no_positives, row_lse, g_row, g_rowpos,
+                          col_lse, g_col, g_colpos):
+    out = [torch.empty_like(x), torch.empty_like(y), x.new_empty(())]
+    return out + ([_vec(x, y.shape[0])] if bias is not None else [])
+
+
+def _fake_pair_rows(x, y, *args):  # (N,) × 2: ms_mine, ms_fwd
+    return [_vec(x, x.shape[0]), _vec(x, x.shape[0])]
+
+
+def _fake_ms_mine_fwd(x, y, *args):
+    return [_vec(x, x.shape[0]) for _ in range(4)]
+
+
+def _fake_grads(x, y, *args):  # ms_bwd
+    return [torch.empty_like(x), torch.empty_like(y)]
+
+
+def _fake_siglip_fwd(x, y, scale, bias, offset):
+    return [_vec(x, x.shape[0])]
+
+
+def _fake_siglip_bwd(x, y, scale, bias, offset, g_row):
+    return [torch.empty_like(x), torch.empty_like(y), x.new_empty(()), x.new_empty(())]
+
+
+def _fake_softmax_matmul_fwd(x, y, v, scale, bias):
+    return [x.new_empty((x.shape[0], v.shape[1])), _vec(x, x.shape[0])]
+
+
+def _fake_softmax_matmul_bwd(x, y, v, scale, bias, out, lse, g_out):
+    res = [torch.empty_like(x), torch.empty_like(y), x.new_empty(v.shape), x.new_empty(())]
+    return res + ([_vec(x, y.shape[0])] if bias is not None else [])
+
+
+def _fake_topk(x, y, k, exclude_diagonal):
+    return [x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)]
+
+
+_FAKES = {
+    "contrastive_fwd": _fake_contrastive_fwd, "contrastive_bwd": _fake_contrastive_bwd,
+    "siglip_fwd": _fake_siglip_fwd, "siglip_bwd": _fake_siglip_bwd,
+    "ms_mine": _fake_pair_rows, "ms_fwd": _fake_pair_rows, "ms_mine_fwd": _fake_ms_mine_fwd,
+    "ms_bwd": _fake_grads, "softmax_matmul_fwd": _fake_softmax_matmul_fwd,
+    "softmax_matmul_bwd": _fake_softmax_matmul_bwd, "topk": _fake_topk,
+}
+
+
+def _register_fakes():
+    if _ext.load_cpu_ext() is None:
+        return
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"fused_losses_C::{name}", fn)
+
+
+_register_fakes()
 
 
 CPU = register_fused_backend(

@@ -153,21 +153,36 @@ class _MultiSimilarity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, labels, ref_labels, offset, exclude_self, alpha, beta, base,
                 epsilon, x, y):
-        if epsilon is None:
-            min_pos = max_neg = None
+        # y is None: the references are the anchors themselves (one tensor input, which
+        # torch.compile requires of an autograd Function; its gradient is dx + dy).
+        ctx.same = y is None
+        y = x if y is None else y
+        ref_labels = labels if ref_labels is None else ref_labels  # the same: passed once
+        if hasattr(kernels, "ms_mine_fwd"):  # optional: mining and forward in one pass
+            min_pos, max_neg, pos_lse, neg_lse = kernels.ms_mine_fwd(
+                x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon)
+            if epsilon is None:
+                min_pos = max_neg = None
         else:
-            min_pos, max_neg = kernels.ms_mine(x, y, labels, ref_labels, offset, exclude_self)
+            min_pos = max_neg = None
+            if epsilon is not None:
+                min_pos, max_neg = kernels.ms_mine(x, y, labels, ref_labels, offset,
+                                                   exclude_self)
+            pos_lse, neg_lse = kernels.ms_fwd(x, y, labels, ref_labels, offset, exclude_self,
+                                              alpha, beta, base, epsilon, min_pos, max_neg)
         args = (labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon, min_pos,
                 max_neg)
-        pos_lse, neg_lse = kernels.ms_fwd(x, y, *args)
         ctx.kernels, ctx.args = kernels, args
-        ctx.save_for_backward(x, y, pos_lse, neg_lse)
+        ctx.save_for_backward(x, None if ctx.same else y, pos_lse, neg_lse)
         return pos_lse / alpha + neg_lse / beta
 
     @staticmethod
     def backward(ctx, g):
         x, y, pos_lse, neg_lse = ctx.saved_tensors
+        y = x if ctx.same else y
         dx, dy = ctx.kernels.ms_bwd(x, y, *ctx.args, pos_lse, neg_lse, g.contiguous())
+        if ctx.same:
+            return (None,) * 9 + ((dx + dy).to(x.dtype), None)
         return (None,) * 9 + (dx.to(x.dtype), dy.to(y.dtype))
 
 
@@ -175,9 +190,10 @@ def _multi_similarity(kernels):
     def multi_similarity(emb, labels, ref_emb, ref_labels, alpha, beta, base, epsilon,
                          exclude_self, offset):
         x = emb.contiguous()
-        y = x if ref_emb is emb else ref_emb.contiguous()
-        return _MultiSimilarity.apply(kernels, labels, ref_labels, offset, exclude_self, alpha,
-                                      beta, base, epsilon, x, y)
+        y = None if ref_emb is emb else ref_emb.contiguous()
+        ref = None if ref_labels is labels else ref_labels
+        return _MultiSimilarity.apply(kernels, labels, ref, offset, exclude_self, alpha, beta,
+                                      base, epsilon, x, y)
 
     return multi_similarity
 

@@ -55,6 +55,9 @@ max_neg)`` -> ``(pos_lse, neg_lse)`` (N,)
     exp(β(s_in − base)))``, an online LSE seeded with 0.  Kept: positive if ``epsilon is None``
     or ``s_ip − ε < max_neg_i``; negative if ``epsilon is None`` or ``s_in + ε > min_pos_i``.
     ``alpha, beta, base`` floats, ``epsilon`` float or None (then min_pos/max_neg are None).
+``ms_mine_fwd(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon)``
+-> ``(min_pos, max_neg, pos_lse, neg_lse)`` — optional: ``ms_mine`` then ``ms_fwd`` in one
+    call, for a backend that can do both in one pass over the tiles (the cpu backend does).
 ``ms_bwd(<ms_fwd args>, pos_lse, neg_lse, g)`` -> ``(dx, dy)``
     ``dL/ds_ij = g_i (−exp(−α(s_ij − base) − pos_lse_i)·kept_pos_ij
     + exp(β(s_ij − base) − neg_lse_i)·kept_neg_ij)``; ``dx = dS @ y``, ``dy = dSᵀ @ x``.

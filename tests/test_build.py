@@ -9,6 +9,8 @@ directly, below the dispatch layer, so a broken build fails here with a precise 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 SHAPES = [(1, 1, 1), (17, 5, 3), (64, 300, 100), (3, 1000, 769)]
 OPS = ["contrastive_fwd", "contrastive_bwd", "siglip_fwd", "siglip_bwd", "ms_mine", "ms_fwd",
-       "ms_bwd", "softmax_matmul_fwd", "softmax_matmul_bwd", "topk"]
+       "ms_mine_fwd", "ms_bwd", "softmax_matmul_fwd", "softmax_matmul_bwd", "topk", "tile_isa"]
 
 
 def _row_lse(x, y, scale, bias=None):
@@ -87,3 +89,87 @@ def test_row_lse_rejects_bad_input():
         _row_lse(x, torch.randn(6, 5), 1.0)
     with pytest.raises(RuntimeError, match=r"\(N,D\)"):
         _row_lse(torch.randn(8), y, 1.0)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _isa_builds() -> list[str]:
+    """The ISA builds of the tile kernels this machine can run (see csrc/cpu/kernels_*.cpp)."""
+    flags = _cpu_flags()
+    builds = ["generic"]
+    if {"avx2", "fma"} <= flags:
+        builds.append("avx2")
+    if {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        builds.append("avx512")
+    return builds
+
+
+def test_default_isa_is_the_widest():
+    assert _ext.load_cpu_ext() is not None, _ext.cpu_ext_unavailable_reason()
+    if "FUSED_LOSSES_CPU_ISA" in os.environ:
+        pytest.skip("FUSED_LOSSES_CPU_ISA is set for this run")
+    assert torch.ops.fused_losses_C.tile_isa() == _isa_builds()[-1] or sys.platform != "linux"
+
+
+# Losses and gradients through every op family of the cpu backend at an awkward shape, against
+# the float64 reference; run in a child process with FUSED_LOSSES_CPU_ISA set (the build is
+# picked once per process).
+_ISA_CHILD = r"""
+import sys, torch, fused_losses as FL
+print("ISA", torch.ops.fused_losses_C.tile_isa())
+g = torch.Generator().manual_seed(7)
+x = torch.randn(45, 37, generator=g); y = torch.randn(53, 37, generator=g)
+lab = torch.randint(0, 5, (45,), generator=g)
+cases = {
+    "clip": lambda b, x, y: FL.clip_loss(x, y[:45], 7.0, backend=b),
+    "sup_con": lambda b, x, y: FL.sup_con(x, lab, temperature=0.3, backend=b),
+    "info_nce_extra": lambda b, x, y: FL.info_nce(x, y[:45], extra_negatives=y[45:],
+                                                 temperature=0.2, backend=b),
+    "ms": lambda b, x, y: FL.multi_similarity(torch.nn.functional.normalize(x, dim=-1), lab,
+                                              backend=b),
+    "softmax_matmul": lambda b, x, y: FL.pairwise_softmax_matmul(x, y, y, backend=b).square().sum(),
+}
+worst = 0.0
+for name, f in cases.items():
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    out = f("cpu", xs, ys); ref = f("reference", xr, yr)
+    out.backward(); ref.backward()
+    errs = [float((out.double() - ref).abs() / ref.abs().clamp_min(1e-6))]
+    for a, b in ((xs.grad, xr.grad), (ys.grad, yr.grad)):
+        if b is not None:
+            errs.append(float((a.double() - b).norm() / b.norm().clamp_min(1e-12)))
+    print(name, max(errs))
+    worst = max(worst, max(errs))
+sys.exit(0 if worst < 1e-4 else 1)
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_isa_build_matches_reference(isa):
+    assert _ext.load_cpu_ext() is not None, _ext.cpu_ext_unavailable_reason()
+    if isa not in _isa_builds():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    env = dict(os.environ, FUSED_LOSSES_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHILD], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ISA {isa}" in proc.stdout, proc.stdout
+
+
+def test_isa_override_rejects_unknown_build():
+    env = dict(os.environ, FUSED_LOSSES_CPU_ISA="sse9")
+    code = ("import torch, fused_losses as FL; "
+            "FL.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 10.0, backend='cpu')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "FUSED_LOSSES_CPU_ISA must be" in proc.stderr, proc.stderr

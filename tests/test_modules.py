@@ -75,3 +75,27 @@ def test_autocast_cpu(backend, device, amp_dtype):
     assert out.dtype == torch.float32 and torch.isfinite(out)
     out.backward()
     assert torch.isfinite(lin.weight.grad).all()
+
+
+@pytest.mark.skipif("cpu" not in FL.available_backends(), reason="the cpu extension is not built")
+def test_torch_compile_cpu_fullgraph():
+    """The compiled kernels have fake implementations: the cpu backend's losses (their autograd
+    Functions included) trace into one graph with the kernels as opaque ops, eager numbers."""
+    gen = seeded()
+    a = randn(40, 12, gen=gen, requires_grad=True)
+    b = randn(40, 12, gen=gen, requires_grad=True)
+    labels = torch.randint(0, 6, (40,), generator=gen)
+
+    def step(a, b):
+        return (FL.clip_loss(a, b, 14.0, backend="cpu")
+                + FL.sup_con(a, labels, backend="cpu")
+                + FL.multi_similarity(a, labels, backend="cpu")
+                + FL.siglip_loss(a, b, 10.0, -10.0, backend="cpu"))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)  # a graph break would raise
+    out_c = compiled(a, b)
+    out_e = step(a, b)
+    assert_rel(out_c, out_e, 1e-6, "compiled value")
+    for x, y in zip(torch.autograd.grad(out_c, [a, b]), torch.autograd.grad(out_e, [a, b])):
+        assert_rel(x, y, 1e-5, "compiled grad")
