@@ -28,6 +28,8 @@ class Backend:
     ``devices``: device types served (``{"cpu"}``, ``{"cuda"}``, ...).
     ``dtypes``: floating dtypes accepted as inputs.
     ``availability``: returns ``None`` when usable, else a reason (missing extension, no GPU, ...).
+    ``op_priority``: optional ``(op, tensors) -> int`` overriding ``priority`` per op and inputs
+    (e.g. a per-GPU-family table of which backend measured faster for that op).
     """
 
     name: str
@@ -36,6 +38,11 @@ class Backend:
     dtypes: frozenset[torch.dtype]
     availability: Callable[[], str | None] = lambda: None
     ops: dict[str, Callable] = field(default_factory=dict)
+    op_priority: Callable[[str, list[torch.Tensor]], int] | None = None
+
+    def priority_for(self, op: str, tensors: list[torch.Tensor]) -> int:
+        """The priority under ``backend="auto"`` for this op on these inputs."""
+        return self.priority if self.op_priority is None else self.op_priority(op, tensors)
 
     def implements(self, op: str) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn`` as this backend's implementation of ``op``."""
@@ -102,7 +109,9 @@ def resolve(op: str, backend: str, tensors: Iterable[torch.Tensor | None]) -> Ca
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         reasons = []
-        for name in registered_backends():
+        ranked = sorted(registered_backends(),
+                        key=lambda n: -_BACKENDS[n].priority_for(op, tensors))  # stable
+        for name in ranked:
             why = _BACKENDS[name].unsupported_reason(op, tensors)
             if why is None:
                 return _BACKENDS[name].ops[op]

@@ -6,5 +6,6 @@ from __future__ import annotations
 
 import importlib
 
-for _module in ("fused_losses.cpu_backend", "fused_losses.triton_backend"):
+for _module in ("fused_losses.cpu_backend", "fused_losses.triton_backend",
+                "fused_losses.cuda_backend"):
     importlib.import_module(_module)

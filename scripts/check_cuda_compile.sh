@@ -4,6 +4,16 @@
 # on a machine without a GPU.  Prints registers / stack / spills per kernel and architecture.
 # No .cu files: nothing to do (exit 0).  No nvcc: exit 0 with a warning, except in CI (CI=true),
 # where it is a failure.
+#
+# Two more checks, since nothing of csrc/cuda can be executed on a machine without a GPU:
+# - host test of the kernels' per-element/per-line math (csrc/cuda/tile_math.h, the very
+#   functions the kernels call): csrc/cuda/tests/test_tile_math.cpp, built with the host
+#   compiler and run;
+# - syntax check of the torch bindings (csrc/bindings_cuda.cpp) with g++ -fsyntax-only against
+#   the installed torch's headers and the CUDA toolkit's include dir.  Possible because the
+#   bindings include no ATen/cuda or c10/cuda header (those need a CUDA build of torch).  Needs
+#   a Python with torch (.venv/bin/python, else python3); without one it is skipped with a
+#   warning, except in CI, where it is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shopt -s nullglob
@@ -30,6 +40,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
 echo "check_cuda_compile: $(nvcc --version | tail -n 2 | head -n 1)"
+# The same flags as setup.py's nvcc build (minus -lineinfo), so the register counts are the build's.
 for src in "${sources[@]}"; do
   name=$(basename "$src" .cu)
   log="$out/$name.log"
@@ -77,4 +88,46 @@ for src in "${sources[@]}"; do
     echo "ok: $src"
   fi
 done
+
+# ---- host test of the tile math (executes the kernels' per-element functions on the CPU)
+cxx=${CXX:-g++}
+for t in csrc/cuda/tests/*.cpp; do
+  exe="$out/$(basename "$t" .cpp)"
+  if ! "$cxx" -std=c++17 -O2 -Wall -Wextra -Icsrc "$t" -o "$exe" >"$exe.log" 2>&1; then
+    cat "$exe.log"
+    echo "FAILED (host test does not compile): $t"
+    status=1
+  elif ! "$exe"; then
+    echo "FAILED (host test): $t"
+    status=1
+  else
+    echo "ok (host test ran): $t"
+  fi
+done
+
+# ---- syntax check of the torch bindings
+if [[ -f csrc/bindings_cuda.cpp ]]; then
+  py=python3
+  [[ -x .venv/bin/python ]] && py=.venv/bin/python
+  cuda_inc=$(nvcc -dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/.*INCLUDES="\(.*\)".*/\1/p' | head -n 1)
+  if torch_flags=$("$py" -c 'import sysconfig
+from torch.utils.cpp_extension import include_paths
+print(" ".join("-isystem " + p for p in include_paths() + [sysconfig.get_paths()["include"]]))' 2>/dev/null); then
+    # shellcheck disable=SC2086
+    if "$cxx" -fsyntax-only -std=c++17 -Icsrc $torch_flags $cuda_inc \
+        -DTORCH_EXTENSION_NAME=_cuda -DTORCH_API_INCLUDE_EXTENSION_H csrc/bindings_cuda.cpp \
+        >"$out/bindings.log" 2>&1; then
+      echo "ok (g++ -fsyntax-only against $("$py" -c 'import torch; print(torch.__version__)')): csrc/bindings_cuda.cpp"
+    else
+      cat "$out/bindings.log"
+      echo "FAILED (syntax check): csrc/bindings_cuda.cpp"
+      status=1
+    fi
+  elif [[ "${CI:-}" == "true" ]]; then
+    echo "FAILED: no Python with torch to syntax-check csrc/bindings_cuda.cpp" >&2
+    status=1
+  else
+    echo "WARNING: csrc/bindings_cuda.cpp NOT syntax-checked (no Python with torch found)" >&2
+  fi
+fi
 exit $status

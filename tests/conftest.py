@@ -38,6 +38,18 @@ def pytest_configure(config):
         "markers", "requires_dtype(*dtypes): run only for backends that accept these dtypes")
 
 
+def pytest_report_header(config):
+    """Which backends the parametrized suite runs here, and why each other one does not (a
+    backend that cannot run here gets no test cases: nothing of it is counted as passing)."""
+    lines = [f"backends under test: {', '.join(backends_under_test())}"]
+    for name in _dispatch.registered_backends():
+        if name not in backends_under_test():
+            why = _dispatch.get_backend(name).availability() or \
+                f"does not serve the {device_for(name).type} device here"
+            lines.append(f"backend {name!r} NOT under test: {why}")
+    return lines
+
+
 def pytest_generate_tests(metafunc):
     """``backend``: every available backend that implements the ops the test is marked with
     (a backend without the op gets no test case, rather than a skipped one)."""
