@@ -33,13 +33,13 @@ python -c "import fused_losses, sys; sys.exit(fused_losses.get_backend('cuda').a
 if ((cuda_ok)); then
   # The suite for the cuda backend alone (test ids carry the backend: "[cuda-..." / "-cuda]").
   run tests_cuda python -m pytest -q -ra tests -k "cuda" --junitxml="$out/tests_cuda.xml"
-  # compute-sanitizer is 10-100x slower: a small selection of the cuda backend's cases (small
-  # shapes only: the large ones are excluded), bounded in time.  memcheck: out-of-bounds and
-  # misaligned accesses; racecheck: shared-memory hazards (the tile loop's barriers).
-  sel="cuda and not 1000 and (info_nce or logsumexp or multi_similarity or softmax_matmul)"
+  # compute-sanitizer is 10-100x slower: the small cuda smoke cases only (every kernel, fp32 and
+  # bf16, one partial tile with unaligned rows and several tiles with cp.async-aligned rows),
+  # bounded in time.  memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory
+  # hazards (the tile loop's barriers).
   for tool in memcheck racecheck; do
     run "sanitizer_$tool" timeout "${SANITIZER_TIMEOUT:-600}" compute-sanitizer --tool "$tool" \
-      --error-exitcode 99 python -m pytest -q -x tests/test_losses.py -k "$sel"
+      --error-exitcode 99 python -m pytest -q -x tests/test_cuda_backend.py -k "cuda_small"
   done
 else
   echo "- tests_cuda, sanitizers: SKIPPED (cuda backend not available: see build.log)" >> "$summary"

@@ -98,18 +98,30 @@ def test_gpu_family_needs_a_cuda_tensor():
 
 # ---- GPU only: small smoke cases (also what compute-sanitizer runs), fp32 and bf16.
 
-def _inputs(dtype, n=37, m=45, d=19):
+# (N, M, D): one partial tile with a feature tail whose rows are not 16-byte aligned (the
+# synchronous load path), and several tiles with 16-byte aligned rows (the cp.async path).
+SMALL = [(37, 45, 19), (70, 75, 64)]
+
+
+def _inputs(dtype, shape):
+    n, m, d = shape
     gen = seeded()
     x = torch.randn(n, d, generator=gen).to("cuda", dtype).requires_grad_()
     y = torch.randn(m, d, generator=gen).to("cuda", dtype).requires_grad_()
     return x, y
 
 
+SMALL_CASES = pytest.mark.parametrize(
+    "dtype,shape", [(dt, sh) for dt in (torch.float32, torch.bfloat16) for sh in SMALL])
+
+
 def _compare(fn, tensors, dtype):
     out = fn("cuda", *tensors)
     ref64 = [t.detach().double().cpu().requires_grad_(t.requires_grad) for t in tensors]
     ref = fn("reference", *ref64)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # smoke bounds (the SPEC §7 bounds are test_losses.py's, run for cuda by the suite): fp32
+    # exact to 1e-5; bf16 against the fp64 oracle of the rounded inputs, normalization included
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
     assert_rel(out, ref, tol, "value")
     g = torch.randn(out.shape, dtype=torch.float64)
     grads = torch.autograd.grad(out, [t for t in tensors if t.requires_grad],
@@ -122,43 +134,45 @@ def _compare(fn, tensors, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@SMALL_CASES
 @pytest.mark.parametrize("labelled", [False, True])
-def test_cuda_small_info_nce(dtype, labelled):
-    x, y = _inputs(dtype)
+def test_cuda_small_info_nce(dtype, shape, labelled):
+    x, y = _inputs(dtype, shape)
+    n, m = shape[0], shape[1]
     if labelled:  # labels, extra negatives, decoupled
-        labels, key_labels = torch.randint(0, 4, (37,)), torch.randint(0, 4, (30,))
+        labels, key_labels = torch.randint(0, 4, (n,)), torch.randint(0, 4, (m - 8,))
         _compare(lambda be, a, b: FL.info_nce(
-            a, b[:30], labels=labels.to(a.device), key_labels=key_labels.to(a.device),
-            extra_negatives=b[30:], decoupled=True, reduction="none", backend=be), (x, y), dtype)
+            a, b[:m - 8], labels=labels.to(a.device), key_labels=key_labels.to(a.device),
+            extra_negatives=b[m - 8:], decoupled=True, reduction="none", backend=be), (x, y),
+            dtype)
     else:  # CLIP-style symmetric, learnable temperature
         t = torch.tensor(0.1, device="cuda", requires_grad=True)
-        _compare(lambda be, a, b, tt: FL.info_nce(a, b[:37], temperature=tt, symmetric=True,
+        _compare(lambda be, a, b, tt: FL.info_nce(a, b[:n], temperature=tt, symmetric=True,
                                                   reduction="none", backend=be),
                  (x, y, t), dtype)
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_small_pairwise_logsumexp(dtype):
-    x, y = _inputs(dtype)
+@SMALL_CASES
+def test_cuda_small_pairwise_logsumexp(dtype, shape):
+    x, y = _inputs(dtype, shape)
     _compare(lambda be, a, b: FL.pairwise_logsumexp(a, b, scale=3.0, backend=be), (x, y), dtype)
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_small_multi_similarity(dtype):
-    x, _ = _inputs(dtype)
-    labels = torch.randint(0, 3, (37,))
+@SMALL_CASES
+def test_cuda_small_multi_similarity(dtype, shape):
+    x, _ = _inputs(dtype, shape)
+    labels = torch.randint(0, 3, (shape[0],))
     _compare(lambda be, a: FL.multi_similarity(a, labels.to(a.device), reduction="none",
                                                backend=be), (x,), dtype)
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_small_softmax_matmul(dtype):
-    x, y = _inputs(dtype)
-    v = torch.randn(45, 7, device="cuda").to(dtype).requires_grad_()
+@SMALL_CASES
+def test_cuda_small_softmax_matmul(dtype, shape):
+    x, y = _inputs(dtype, shape)
+    v = torch.randn(shape[1], 7, device="cuda").to(dtype).requires_grad_()
     _compare(lambda be, a, b, c: FL.pairwise_softmax_matmul(a, b, c, scale=2.0, backend=be),
              (x, y, v), dtype)
 

@@ -131,9 +131,8 @@ __device__ __forceinline__ void load_stage(const Operand<T>& a, int64_t r0, cons
 // ------------------------------------------------------------------------ tile products
 // Accumulators of the 64×64 tile in registers, and their store into a float tile.
 // Tensor-core path (bf16/fp16): 8 warps as 4 (rows) × 2 (cols); a warp owns 16 × 32 = four
-// m16n8 accumulators.  Fragment layouts are the PTX ISA's for mma.m16n8k16 (.row.col):
-// g = lane/4, t = lane%4; A: (g | g+8, 2t..2t+1 | +8), B: (k = 2t..2t+1 | +8, n = g),
-// C: (g | g+8, 2t..2t+1).  Inline PTX rather than nvcuda::wmma: the layout is documented (wmma's
+// m16n8 accumulators.  Fragment coordinates: tile_math.h (mma_a_row ... warp_col0), the PTX
+// ISA's for mma.m16n8k16 (.row.col), emulated on the host by csrc/cuda/tests.  Inline PTX rather than nvcuda::wmma: the layout is documented (wmma's
 // is opaque), so the k order per element is pinned and identical in every pass, and the same
 // instruction serves sm_80 and sm_90a.
 template <typename T>
@@ -171,37 +170,34 @@ struct TileAcc {  // bf16 / fp16: tensor cores
   __device__ __forceinline__ void step(const T* st) {
     constexpr int LD = Cfg<T>::kLdS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const T* as = st + (warp & 3) * 16 * LD;
-    const T* bs = st + (kTile + (warp >> 2) * 32) * LD;
+    const T* as = st + warp_row0(warp) * LD;
+    const T* bs = st + (kTile + warp_col0(warp)) * LD;
 #pragma unroll
     for (int ks = 0; ks < Cfg<T>::BK; ks += 16) {
       unsigned a[4];
-      a[0] = *reinterpret_cast<const unsigned*>(as + g * LD + ks + 2 * t);
-      a[1] = *reinterpret_cast<const unsigned*>(as + (g + 8) * LD + ks + 2 * t);
-      a[2] = *reinterpret_cast<const unsigned*>(as + g * LD + ks + 8 + 2 * t);
-      a[3] = *reinterpret_cast<const unsigned*>(as + (g + 8) * LD + ks + 8 + 2 * t);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        a[r] = *reinterpret_cast<const unsigned*>(as + mma_a_row(lane, r) * LD + ks +
+                                                  mma_a_k(lane, r));
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         unsigned b[2];
-        b[0] = *reinterpret_cast<const unsigned*>(bs + (nt * 8 + g) * LD + ks + 2 * t);
-        b[1] = *reinterpret_cast<const unsigned*>(bs + (nt * 8 + g) * LD + ks + 8 + 2 * t);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          b[r] = *reinterpret_cast<const unsigned*>(bs + (nt * 8 + mma_b_n(lane)) * LD + ks +
+                                                    mma_b_k(lane, r));
         MmaOp<T>::run(c[nt], a, b);
       }
     }
   }
   __device__ __forceinline__ void store(float* dst) const {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int r = (warp & 3) * 16 + g;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int col = (warp >> 2) * 32 + nt * 8 + 2 * t;
-      dst[r * kLd + col] = c[nt][0];
-      dst[r * kLd + col + 1] = c[nt][1];
-      dst[(r + 8) * kLd + col] = c[nt][2];
-      dst[(r + 8) * kLd + col + 1] = c[nt][3];
-    }
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        dst[(warp_row0(warp) + mma_c_row(lane, i)) * kLd + warp_col0(warp) + nt * 8 +
+            mma_c_col(lane, i)] = c[nt][i];
   }
 };
 

@@ -148,4 +148,22 @@ FL_HD float contrastive_dz(bool pos, bool cand, float z, float zb, float row_lse
   return dz;
 }
 
+// ------------------------------------------------------------------------ mma fragment layout
+// Coordinates of the register fragments of mma.sync.aligned.m16n8k16.row.col (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16 with floating point type"), for lane (0..31); g = lane/4,
+// t = lane%4.  A (16×16, row-major): register r (0..3) holds A[row][k], A[row][k+1].
+// B (16×8, k × n): register r (0..1) holds B[k][n], B[k+1][n].  C (16×8): element i (0..3).
+// Used by TileAcc (tile_loop.cuh) and checked against a transcription of the ISA tables by
+// csrc/cuda/tests/test_tile_math.cpp (a host emulation of the warp-level tile product).
+FL_HD int mma_a_row(int lane, int r) { return (lane >> 2) + 8 * (r & 1); }
+FL_HD int mma_a_k(int lane, int r) { return 2 * (lane & 3) + 8 * (r >> 1); }
+FL_HD int mma_b_k(int lane, int r) { return 2 * (lane & 3) + 8 * r; }
+FL_HD int mma_b_n(int lane) { return lane >> 2; }
+FL_HD int mma_c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+FL_HD int mma_c_col(int lane, int i) { return 2 * (lane & 3) + (i & 1); }
+// Warp tiling of the 64×64 similarity tile (8 warps as 4 × 2): warp w owns rows
+// warp_row0(w)..+16 and columns warp_col0(w)..+32, i.e. four m16n8 accumulators.
+FL_HD int warp_row0(int warp) { return (warp & 3) * 16; }
+FL_HD int warp_col0(int warp) { return (warp >> 2) * 32; }
+
 }  // namespace flcuda

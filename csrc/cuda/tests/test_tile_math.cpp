@@ -261,11 +261,97 @@ static void test_multi_similarity() {
   CHECK(std::fabs(ms_grad(a, float(sn), false, true, 0.f, nl, 1.f) - dn) < 1e-4, "neg grad");
 }
 
+// The tensor-core tile product of TileAcc (tile_loop.cuh), emulated warp by warp on the host:
+// registers are gathered from a stage buffer with the kernel's coordinate functions
+// (mma_a_row ... warp_col0), then "executed" by an mma whose operand/result layouts are
+// transcribed separately from the PTX ISA tables (element-indexed, as the ISA states them), and
+// stored with the kernel's functions.  The 64×64 result must be X·Yᵀ, every entry written once,
+// no padding read.
+static void test_mma_fragments() {
+  constexpr int kTile = 64, BK = 32, LD = 40;  // Cfg<half>: 32 features per stage, 8 padding
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> small(-8, 8);
+  std::vector<float> st(2 * kTile * LD, NAN);  // padding stays NaN: reading it would show
+  for (int r = 0; r < 2 * kTile; ++r)
+    for (int k = 0; k < BK; ++k) st[r * LD + k] = float(small(rng));
+  // PTX ISA, mma.m16n8k16 .f16/.bf16: a_i (i = 0..7) and b_i (i = 0..3) are the 16-bit elements
+  // (two per register), c_i (i = 0..3) the fp32 accumulators.
+  auto isa_a_row = [](int g, int i) { return (i < 2 || (i >= 4 && i < 6)) ? g : g + 8; };
+  auto isa_a_col = [](int t, int i) { return t * 2 + (i & 1) + (i >= 4 ? 8 : 0); };
+  auto isa_b_row = [](int t, int i) { return t * 2 + (i & 1) + (i >= 2 ? 8 : 0); };
+  auto isa_c_row = [](int g, int i) { return i < 2 ? g : g + 8; };
+  auto isa_c_col = [](int t, int i) { return t * 2 + (i & 1); };
+  std::vector<float> dst(kTile * kTile, NAN);
+  std::vector<int> writes(kTile * kTile, 0);
+  for (int warp = 0; warp < 8; ++warp) {
+    float c[32][4][4] = {};
+    for (int ks = 0; ks < BK; ks += 16) {
+      float a[32][8], b[32][4][4];
+      for (int lane = 0; lane < 32; ++lane) {
+        for (int r = 0; r < 4; ++r)
+          for (int h = 0; h < 2; ++h)
+            a[lane][2 * r + h] =
+                st[(warp_row0(warp) + mma_a_row(lane, r)) * LD + ks + mma_a_k(lane, r) + h];
+        for (int nt = 0; nt < 4; ++nt)
+          for (int r = 0; r < 2; ++r)
+            for (int h = 0; h < 2; ++h)
+              b[lane][nt][2 * r + h] =
+                  st[(kTile + warp_col0(warp) + nt * 8 + mma_b_n(lane)) * LD + ks +
+                     mma_b_k(lane, r) + h];
+      }
+      for (int nt = 0; nt < 4; ++nt) {  // the "hardware": one mma per n-tile
+        float A[16][16], B[16][8];
+        int seen_a[16][16] = {}, seen_b[16][8] = {};
+        for (int lane = 0; lane < 32; ++lane) {
+          const int g = lane >> 2, t = lane & 3;
+          for (int i = 0; i < 8; ++i) {
+            A[isa_a_row(g, i)][isa_a_col(t, i)] = a[lane][i];
+            ++seen_a[isa_a_row(g, i)][isa_a_col(t, i)];
+          }
+          for (int i = 0; i < 4; ++i) {
+            B[isa_b_row(t, i)][g] = b[lane][nt][i];
+            ++seen_b[isa_b_row(t, i)][g];
+          }
+        }
+        for (int r = 0; r < 16; ++r)
+          for (int k = 0; k < 16; ++k) CHECK(seen_a[r][k] == 1, "A fragment coverage");
+        for (int k = 0; k < 16; ++k)
+          for (int n = 0; n < 8; ++n) CHECK(seen_b[k][n] == 1, "B fragment coverage");
+        for (int lane = 0; lane < 32; ++lane) {
+          const int g = lane >> 2, t = lane & 3;
+          for (int i = 0; i < 4; ++i) {
+            float acc = 0.f;
+            for (int k = 0; k < 16; ++k) acc += A[isa_c_row(g, i)][k] * B[k][isa_c_col(t, i)];
+            c[lane][nt][i] += acc;
+          }
+        }
+      }
+    }
+    for (int lane = 0; lane < 32; ++lane)  // TileAcc::store
+      for (int nt = 0; nt < 4; ++nt)
+        for (int i = 0; i < 4; ++i) {
+          const int r = warp_row0(warp) + mma_c_row(lane, i);
+          const int col = warp_col0(warp) + nt * 8 + mma_c_col(lane, i);
+          dst[r * kTile + col] = c[lane][nt][i];
+          ++writes[r * kTile + col];
+        }
+  }
+  int bad = 0;
+  for (int r = 0; r < kTile; ++r)
+    for (int col = 0; col < kTile; ++col) {
+      float want = 0.f;
+      for (int k = 0; k < BK; ++k) want += st[r * LD + k] * st[(kTile + col) * LD + k];
+      if (writes[r * kTile + col] != 1 || dst[r * kTile + col] != want) ++bad;
+    }
+  CHECK(bad == 0, "mma tile emulation: %d of 4096 entries wrong or not written once", bad);
+}
+
 int main() {
   test_lse();
   test_pair_mask();
   test_contrastive_compose();
   test_multi_similarity();
+  test_mma_fragments();
   if (failures) {
     std::printf("test_tile_math: %d FAILED\n", failures);
     return 1;
