@@ -7,10 +7,11 @@ Implements the kernel contract of ``kernels.py`` for ``contrastive_fwd/bwd``, ``
 (InfoNCE family, pairwise_logsumexp, multi-similarity, pairwise_softmax_matmul and Sinkhorn's
 c-transform / gradient / transport application).  SigLIP and top-k have no CUDA kernel yet.
 
-Status: these kernels have been compiled (sm_80, sm_90a, zero spills, CI-gated) but NOT YET
-EXECUTED ON A GPU.  Hence ``backend="auto"`` never picks ``cuda`` until a GPU benchmark has shown
-it faster than ``triton`` for an op on a GPU family (``MEASURED_FASTER`` below); explicitly,
-``backend="cuda"`` runs it.
+Status: these kernels have been compiled (sm_80, sm_90a, zero spills, CI-gated) and their source
+has run on the CPU under a host emulation (tests/test_cuda_emulation.py), but they have NOT YET
+BEEN EXECUTED ON A GPU.  Hence ``backend="auto"`` never picks ``cuda`` until a GPU benchmark has
+shown it faster than ``triton`` for an op on a GPU family (``MEASURED_FASTER`` below);
+explicitly, ``backend="cuda"`` runs it.
 
 fp32 inputs are computed in exact fp32 (FMA, never TF32, whatever
 ``torch.backends.cuda.matmul.allow_tf32`` says); bf16/fp16 similarity tiles use tensor cores with

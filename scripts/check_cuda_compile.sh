@@ -91,7 +91,7 @@ done
 
 # ---- host test of the tile math (executes the kernels' per-element functions on the CPU)
 cxx=${CXX:-g++}
-for t in csrc/cuda/tests/*.cpp; do
+for t in csrc/cuda/tests/test_*.cpp; do  # (emulation_api.cpp: built by tests/test_cuda_emulation.py)
   exe="$out/$(basename "$t" .cpp)"
   if ! "$cxx" -std=c++17 -O2 -Wall -Wextra -Icsrc "$t" -o "$exe" >"$exe.log" 2>&1; then
     cat "$exe.log"

@@ -4,7 +4,7 @@
 // gradient outputs, must be zero-initialized by the caller (the kernels accumulate into them).
 // Each function launches its kernel(s) on `stream` and returns the launch status.
 //
-// NOT YET EXECUTED ON A GPU (see csrc/cuda/tile_loop.cuh).
+// NOT YET EXECUTED ON A GPU (see csrc/cuda/tile_loop.cuh for what has run, and where).
 #pragma once
 
 #include <cuda_runtime_api.h>

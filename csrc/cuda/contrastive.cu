@@ -1,5 +1,6 @@
 // Contrastive kernels of the CUDA backend (kernels.py contrastive_fwd / contrastive_bwd) on the
-// shared tile loop (tile_loop.cuh).  NOT YET EXECUTED ON A GPU: compiled and ptxas-checked only.
+// shared tile loop (tile_loop.cuh).  NOT YET EXECUTED ON A GPU: compiled, ptxas-checked, and
+// run under the host emulation only (tile_loop.cuh says what that covers).
 //
 // Forward: a row pass (online LSE of z + bias per query row, positive sums/counts) and, for
 // symmetric losses, a column pass over the key columns (j < n_keys).  Backward: a row pass
@@ -37,7 +38,7 @@ __device__ __forceinline__ void pair_labels(const PairMaskArgs& mk, int64_t i, i
 
 template <typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) contrastive_lse_kernel(ContrastiveParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
   const int line = line_of_thread(), q = quad_lane();
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2) contrastive_lse_kernel(Contrastiv
 
 template <typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) contrastive_grad_kernel(ContrastiveParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
   const int line = line_of_thread(), q = quad_lane();
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;

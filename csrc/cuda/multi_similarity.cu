@@ -1,5 +1,6 @@
 // Multi-similarity kernels of the CUDA backend (kernels.py ms_mine / ms_fwd / ms_bwd) on the
-// shared tile loop (tile_loop.cuh).  NOT YET EXECUTED ON A GPU: compiled and ptxas-checked only.
+// shared tile loop (tile_loop.cuh).  NOT YET EXECUTED ON A GPU: compiled, ptxas-checked, and
+// run under the host emulation only (tile_loop.cuh says what that covers).
 //
 // Three passes (mining, the two online LSEs seeded with 0, gradient as a row and a column pass)
 // all take s_ij from the same sim_tile with the same tile origins, and apply the mining rule with
@@ -29,7 +30,7 @@ __device__ __forceinline__ void ms_pair(const MsArgs& a, const float* min_pos,
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) ms_mine_kernel(MsParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
   const int line = line_of_thread(), q = quad_lane();
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 2) ms_mine_kernel(MsParams<T> p) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) ms_fwd_kernel(MsParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
   const int line = line_of_thread(), q = quad_lane();
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 2) ms_fwd_kernel(MsParams<T> p) {
 
 template <typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) ms_grad_kernel(MsParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
   const int line = line_of_thread(), q = quad_lane();
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;

@@ -1,7 +1,7 @@
 // Softmax-weighted matmul kernels of the CUDA backend (kernels.py softmax_matmul_fwd / _bwd),
 // which also carry Sinkhorn's gradient and transport application (fused.py ot_grad,
 // ot_plan_matmul), on the shared tile loop (tile_loop.cuh).  NOT YET EXECUTED ON A GPU:
-// compiled and ptxas-checked only.
+// compiled, ptxas-checked, and run under the host emulation only (see tile_loop.cuh).
 //
 // Forward = the row LSE (contrastive_lse, no positives) then one row pass
 // out += exp(z + b − lse)·V.  (A one-pass flash-attention form with a rescaled accumulator saves
@@ -27,7 +27,7 @@ struct SmmParams {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) smm_out_kernel(SmmParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
   const int line = line_of_thread(), q = quad_lane();
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads, 2) smm_out_kernel(SmmParams<T> p) {
 
 template <typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) smm_grad_kernel(SmmParams<T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 2);
   const int line = line_of_thread(), q = quad_lane();
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;

@@ -1,7 +1,9 @@
 // The one tile loop of the CUDA backend, shared by every kernel (contrastive, multi-similarity,
-// softmax-weighted matmul).  NOT YET EXECUTED ON A GPU: this code is compiled for sm_80/sm_90a
-// and ptxas-checked in CI (scripts/check_cuda_compile.sh); its per-element math
-// (csrc/cuda/tile_math.h) is unit-tested on the host; nothing else of it has run anywhere.
+// softmax-weighted matmul).  NOT YET EXECUTED ON A GPU.  What runs without one: CI compiles it for
+// sm_80/sm_90a and checks ptxas's register/spill report (scripts/check_cuda_compile.sh); its
+// per-element math (tile_math.h) and mma fragment layout are unit-tested on the host; and the
+// kernels' source runs on the CPU under a host emulation of threads, barriers, shuffles,
+// cp.async and mma (host_emulation.h, tests/test_cuda_emulation.py) against the reference.
 //
 // A CTA of 256 threads owns a block of 64 lines: rows of x (a "row pass") or rows of y, i.e.
 // columns of the similarity matrix (a "column pass").  It streams over the other side in blocks
@@ -24,9 +26,13 @@
 // Nothing of size N×M exists: per CTA one 64×64 tile (two for the softmax-matmul gradient).
 #pragma once
 
+#if defined(FL_HOST_EMULATION)
+#include "cuda/host_emulation.h"  // tests only: run these kernels on the CPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
@@ -89,7 +95,24 @@ inline Operand<T> make_operand(const void* p, int64_t rows, int64_t cols, int64_
   return Operand<T>{static_cast<const T*>(p), rows, cols, ld, vec};
 }
 
+// The kernel's dynamic shared memory.
+#if defined(FL_HOST_EMULATION)
+#define FL_SMEM(name) unsigned char* const name = ::flcuda::emu::shared_base()
+#else
+#define FL_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // ------------------------------------------------------------------------ cp.async (sm_80+)
+// 16 bytes global -> shared; bytes past src_bytes are zero-filled (src_bytes = 0: none read).
+#if defined(FL_HOST_EMULATION)
+inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  std::memset(smem, 0, 16);
+  if (src_bytes > 0) std::memcpy(smem, gmem, static_cast<size_t>(src_bytes));
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
@@ -100,6 +123,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // One pipeline stage: rows 0..63 of the stage hold X[r0 + r, k0 : k0 + BK], rows 64..127 hold
 // Y[c0 + r, k0 : k0 + BK]; everything out of range reads as 0.
@@ -137,6 +161,14 @@ __device__ __forceinline__ void load_stage(const Operand<T>& a, int64_t r0, cons
 // instruction serves sm_80 and sm_90a.
 template <typename T>
 struct MmaOp;
+#if defined(FL_HOST_EMULATION)
+template <typename T>
+struct MmaOp {
+  static void run(float* c, const unsigned* a, const unsigned* b) {
+    emu::mma_m16n8k16<T>(c, a, b);
+  }
+};
+#else
 template <>
 struct MmaOp<__half> {
   __device__ __forceinline__ static void run(float* c, const unsigned* a, const unsigned* b) {
@@ -157,6 +189,7 @@ struct MmaOp<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 };
+#endif
 
 template <typename T>
 struct TileAcc {  // bf16 / fp16: tensor cores
@@ -386,6 +419,11 @@ inline cudaError_t launch(Kernel kernel, int64_t lines, int tiles, const Params&
                           cudaStream_t stream) {
   if (lines <= 0) return cudaSuccess;
   const int bytes = smem_bytes(tiles);
+#if defined(FL_HOST_EMULATION)
+  (void)stream;
+  emu::run_grid(num_blocks(lines), bytes, [&] { kernel(p); });
+  return cudaSuccess;
+#else
   if (bytes > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -393,6 +431,7 @@ inline cudaError_t launch(Kernel kernel, int64_t lines, int tiles, const Params&
   }
   kernel<<<static_cast<unsigned>(num_blocks(lines)), kThreads, bytes, stream>>>(p);
   return cudaGetLastError();
+#endif
 }
 
 }  // namespace flcuda
