@@ -8,6 +8,8 @@ temporary fused backend, and the shared backend-parametrized cases of test_losse
 (small shapes, fp32 and fp16: fp16 goes through the tensor-core tile path).
 
 This checks the tile loop, masks, epilogues, reductions and products of the real kernel source.
+Emulation is slow (256 OS threads per CTA, ~1.5 min for this file on 2 cores): a selection of the
+shared cases, chosen to reach every kernel and both load paths.
 It does not check what only a GPU shows: the memory model, real tensor-core rounding, cp.async
 timing, performance (scripts/gpu_check.sh covers those on a GPU).
 """
@@ -221,11 +223,10 @@ def test_emulated_info_nce(emu_backend, variant):
     T.test_info_nce(emu_backend, CPU, variant, "none")
 
 
-@pytest.mark.parametrize("epsilon", [0.1, None])
-def test_emulated_multi_similarity(emu_backend, epsilon):
+def test_emulated_multi_similarity(emu_backend):  # with mining (epsilon=None: a subset)
     import test_losses as T
 
-    T.test_multi_similarity(emu_backend, CPU, epsilon)
+    T.test_multi_similarity(emu_backend, CPU, 0.1)
 
 
 def test_emulated_mining_threshold(emu_backend):
@@ -237,8 +238,7 @@ def test_emulated_mining_threshold(emu_backend):
 def test_emulated_primitives(emu_backend):
     import test_losses as T
 
-    T.test_pairwise_logsumexp(emu_backend, CPU, True, 1)
-    T.test_pairwise_logsumexp(emu_backend, CPU, False, 0)
+    T.test_pairwise_logsumexp(emu_backend, CPU, True, 1)  # row pass with a bias-free mask
     T.test_pairwise_softmax_matmul(emu_backend, CPU)
 
 
