@@ -17,13 +17,34 @@ of the tile:
   (``_smm_fwd_rows`` flash-attention style, ``_smm_grad_rows`` for dx/dy, ``_smm_dv_rows``),
   which also carries Sinkhorn's gradient and transport application (fused.py).
 
-Passes over N·M·D for symmetric CLIP forward+backward: 2 (row and column LSE) + 2 (dx, dy, each
-recomputing s) = 4 similarity GEMMs plus 2 gradient GEMMs.  No atomics: results are
-deterministic.  Fusing the two forward directions into one bidirectional pass (and the two
-backward passes into one with an atomic dY) is future work: it needs a GPU to show it pays.
+Passes over N·M·D (GEMM-sized tile products) for symmetric CLIP forward+backward:
+
+- fused path (default; ``deterministic()``): forward ``_lse_rowcol`` = 1 (row LSE online in
+  registers; column sums Σ_i exp(z_ij − cref_j) by fp32 atomics against the per-column norm
+  bound cref_j = |scale|·max_i‖x_i‖·‖y_j‖ ≥ max_i z_ij, so no cross-program max merge is
+  needed and the state stays O(M); columns whose sum that bound leaves unresolved (underflow
+  below 2^-64, non-finite bound) are redone exactly by ``_lse_rows`` over those columns only,
+  none for well-scaled inputs); backward ``_grad_xy`` = 3 (s, dZ·Y into dx in registers,
+  dZᵀ·X into dy by fp32 atomics).  Total 4 (for D ≤ 512; larger D below).  The atomics
+  make the last bits depend on scheduling order.
+- deterministic path (``torch.use_deterministic_algorithms(True)``, or
+  ``FUSED_LOSSES_DETERMINISTIC=1``, or ``DETERMINISTIC = True``): forward row pass + column
+  pass = 2; backward row-parallel dx pass (s, dZ·Y) + column-parallel dy pass (s, dZᵀ·X) = 4.
+  Total 6, no atomics, bit-reproducible.
+Both compute every s_ij with the same tile shape and feature loop, so the LSEs of either
+forward are consistent with either backward.  No pass has been timed on a GPU.
+
+Any D: the gradient kernels split the output features into chunks of at most
+``_MAX_BLOCK_DO`` = 512 on the grid's second axis; each chunk recomputes the same similarity
+tiles over all of D (bit-identical s_ij, which multi-similarity's hard mining threshold needs),
+so a gradient pass costs (⌈D/512⌉ + 1)·N·M·D instead of 2·N·M·D above D = 512.
 Nothing of size N×M is allocated: buffers are O(N + M) plus one fp32 partial per program for
-the scalar gradients (summed in fp64).  The output row block spans all of D (BLOCK_DO); for
-D > 1024 on a GPU that is register-heavy and wants a split over D (not yet measured).
+the scalar gradients (summed in fp64).
+
+Every kernel entry point is a ``torch.library`` custom op (``fused_losses_triton::*``) with a
+fake implementation, so the losses trace under ``torch.compile(fullgraph=True)``.  Tile shapes
+come from ``_tiles`` (keyed on D and dtype); ``triton.autotune`` picks num_warps/num_stages
+(untested on hardware; one config under the interpreter).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -31,6 +52,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tes
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -124,30 +146,37 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _acc_rows_times(acc, w, b_ptr, cols, cmask, d, stride_b, BLOCK_DO: tl.constexpr,
+    def _acc_rows_times(acc, w, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO: tl.constexpr,
                         ALLOW_TF32: tl.constexpr):
-        """acc + w · B[cols]: the product step of every gradient kernel (the output row block
-        spans all of D, BLOCK_DO ≥ D; w stays fp32)."""
-        dso = tl.arange(0, BLOCK_DO)
+        """acc + w · B[cols, d0 : d0 + BLOCK_DO]: the product step of every gradient kernel
+        (w stays fp32).  The output features are split over the grid's second axis in chunks of
+        BLOCK_DO (one chunk when D ≤ _MAX_BLOCK_DO); every chunk's program recomputes the same
+        similarity tiles over all of D, so s_ij is bit-identical in every chunk and pass."""
+        dso = d0 + tl.arange(0, BLOCK_DO)
         bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
                      mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
         return acc + tl.dot(w, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
 
     @triton.jit
-    def _store_rows(out_ptr, val, rows, rmask, d, stride_o, BLOCK_DO: tl.constexpr):
-        dso = tl.arange(0, BLOCK_DO)
+    def _store_rows(out_ptr, val, rows, rmask, d, d0, stride_o, BLOCK_DO: tl.constexpr):
+        dso = d0 + tl.arange(0, BLOCK_DO)
         tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], val,
                  mask=rmask[:, None] & (dso[None, :] < d))
 
     @triton.jit
     def _lse_rows(a_ptr, b_ptr, scale_ptr, bias_ptr, lab_ptr, klab_ptr, lse_ptr, psum_ptr,
-                  pcnt_ptr, n_a, n_b, d, stride_a, stride_b, n_keys, offset,
+                  pcnt_ptr, idx_ptr, n_idx, n_a, n_b, d, stride_a, stride_b, n_keys, offset,
                   HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_LABELS: tl.constexpr,
                   NO_POS: tl.constexpr, EXCL: tl.constexpr, DECOUPLED: tl.constexpr,
-                  ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  HAS_IDX: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Online LSE (+ positive sums and counts) of a block of rows.  HAS_IDX: the block's
+        rows are read from an index vector (the exact fallback for the few columns the one-sweep
+        forward could not resolve)."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        if HAS_IDX:
+            rows = tl.load(idx_ptr + rows, mask=rows < n_idx, other=n_a).to(tl.int32)
         scale = tl.load(scale_ptr)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -201,6 +230,7 @@ if triton is not None:
         Also one fp32 partial of Σ dZ·s per program, and per row Σ_c of the b-side softmax term
         (the bias gradient when the rows are the columns of the original problem)."""
         pid = tl.program_id(0)
+        d0 = tl.program_id(1) * BLOCK_DO  # feature chunk of the output
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < n_a
         scale = tl.load(scale_ptr)
@@ -244,11 +274,135 @@ if triton is not None:
             dscale += tl.sum(dz * s, 1)
             # dZ stays fp32 here: its rows nearly cancel, and rounding it to fp16/bf16 first
             # (the flash-attention speed path) costs digits; revisit with GPU measurements.
-            acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+            acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO,
                                   ALLOW_TF32)
-        _store_rows(out_ptr, acc * scale, rows, rmask, d, stride_o, BLOCK_DO)
-        tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
-        tl.store(bterm_ptr + rows, bterm, mask=rmask)
+        _store_rows(out_ptr, acc * scale, rows, rmask, d, d0, stride_o, BLOCK_DO)
+        if d0 == 0:  # the scalar partials once per row block, not once per feature chunk
+            tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
+            tl.store(bterm_ptr + rows, bterm, mask=rmask)
+
+    # ----------------------------------------------------------------------------------------
+    # The fused contrastive path (default unless deterministic): one forward sweep for row and
+    # column statistics, one backward sweep for dx and dy.
+
+    @triton.jit
+    def _lse_rowcol(x_ptr, y_ptr, scale_ptr, cref_ptr, lab_ptr, klab_ptr, lse_ptr, psum_ptr,
+                    pcnt_ptr, csum_ptr, cpsum_ptr, cpcnt_ptr, n, m, d, stride_x, stride_y,
+                    n_keys, offset, HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr,
+                    EXCL: tl.constexpr, DECOUPLED: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Row and column statistics in one sweep over the tiles (rows = queries).
+
+        Rows: the online LSE of ``_lse_rows``.  Key columns j: Σ_i exp(z_ij − cref_j) over the
+        candidates, added atomically across row blocks, with the fixed per-column reference
+        cref_j ≥ max_i z_ij (the norm bound, computed on the host), so no running max has to be
+        merged across programs; plus the column positive sums and counts."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n
+        scale = tl.load(scale_ptr)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        ps = tl.zeros((BLOCK_M,), tl.float32)
+        pc = tl.zeros((BLOCK_M,), tl.float32)
+        nan = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, m, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < m
+            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
+                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            z = s * scale
+            pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, False,
+                                   HAS_LABELS, NO_POS, EXCL, DECOUPLED)
+            inb = rmask[:, None] & cmask[None, :]
+            pos = pos & inb
+            cand = cand & inb
+            zc = tl.where(cand, z, float("-inf"))
+            nan = tl.maximum(nan, tl.max(tl.where(zc != zc, 1.0, 0.0), 1))
+            m_new = tl.maximum(m_i, tl.max(zc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.where(cand, tl.exp(zc - m_safe[:, None]), 0.0)
+            l_i = l_i * tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_safe)) + tl.sum(p, 1)
+            m_i = m_new
+            ps += tl.sum(tl.where(pos, z, 0.0), 1)
+            pc += tl.sum(tl.where(pos, 1.0, 0.0), 1)
+            kmask = cols < n_keys
+            cref = tl.load(cref_ptr + cols, mask=kmask, other=0.0)
+            # NaN z stays NaN in the sum (selected, not multiplied away).
+            q = tl.where(cand, tl.exp(z - cref[None, :]), 0.0)
+            tl.atomic_add(csum_ptr + cols, tl.sum(q, 0), mask=kmask)
+            tl.atomic_add(cpsum_ptr + cols, tl.sum(tl.where(pos, z, 0.0), 0), mask=kmask)
+            tl.atomic_add(cpcnt_ptr + cols, tl.sum(tl.where(pos, 1.0, 0.0), 0), mask=kmask)
+        lse = tl.where(m_i == float("-inf"), float("-inf"),
+                       m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
+        lse = tl.where(nan > 0, float("nan"), lse)
+        tl.store(lse_ptr + rows, lse, mask=rmask)
+        tl.store(psum_ptr + rows, ps, mask=rmask)
+        tl.store(pcnt_ptr + rows, pc, mask=rmask)
+
+    @triton.jit
+    def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r, lse_c,
+                 g_c, gp_c, lab_ptr, klab_ptr, dscale_ptr, dbias_ptr, n, m, d, stride_x,
+                 stride_y, stride_dx, stride_dy, n_keys, offset, HAS_BIAS: tl.constexpr,
+                 HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr,
+                 EXCL: tl.constexpr, DECOUPLED: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DO: tl.constexpr):
+        """dx and dy in one sweep (rows = queries; output feature chunk d0 on axis 1).
+
+        Per tile: s (the forward's tile, bit-identical), dZ as in ``_grad_rows``, dx[rows] +=
+        dZ·Y in registers, dy[cols] += dZᵀ·X by fp32 atomic adds (order-dependent in the last
+        bits), Σ dZ∘s per program, and the bias gradient Σ_i (row softmax term) per column."""
+        pid = tl.program_id(0)
+        d0 = tl.program_id(1) * BLOCK_DO
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n
+        dso = d0 + tl.arange(0, BLOCK_DO)
+        dmask = dso < d
+        scale = tl.load(scale_ptr)
+        la = tl.load(lse_r + rows, mask=rmask, other=0.0)
+        ga = tl.load(g_r + rows, mask=rmask, other=0.0)
+        gpa = tl.load(gp_r + rows, mask=rmask, other=0.0)
+        xo = tl.load(x_ptr + rows[:, None] * stride_x + dso[None, :],
+                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+        dscale = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, m, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < m
+            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
+                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+            z = s * scale
+            pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, False,
+                                   HAS_LABELS, NO_POS, EXCL, DECOUPLED)
+            inb = rmask[:, None] & cmask[None, :]
+            cand = cand & inb
+            pos = pos & inb
+            za = z
+            if HAS_BIAS:
+                za = z + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+            trow = tl.where(cand & (ga[:, None] != 0), ga[:, None] * tl.exp(za - la[:, None]),
+                            0.0)
+            dz = trow - tl.where(pos, gpa[:, None], 0.0)
+            if HAS_COL:
+                lb = tl.load(lse_c + cols, mask=cmask, other=0.0)
+                gb = tl.load(g_c + cols, mask=cmask, other=0.0)
+                gpb = tl.load(gp_c + cols, mask=cmask, other=0.0)
+                dz += (tl.where(cand & (gb[None, :] != 0),
+                                gb[None, :] * tl.exp(z - lb[None, :]), 0.0)
+                       - tl.where(pos, gpb[None, :], 0.0))
+            dscale += tl.sum(dz * s, 1)
+            if HAS_BIAS:
+                if d0 == 0:
+                    tl.atomic_add(dbias_ptr + cols, tl.sum(trow, 0), mask=cmask)
+            acc = _acc_rows_times(acc, dz, y_ptr, cols, cmask, d, d0, stride_y, BLOCK_DO,
+                                  ALLOW_TF32)
+            dyt = tl.dot(tl.trans(dz), xo, allow_tf32=ALLOW_TF32) * scale
+            tl.atomic_add(dy_ptr + cols[:, None] * stride_dy + dso[None, :], dyt,
+                          mask=cmask[:, None] & dmask[None, :])
+        _store_rows(dx_ptr, acc * scale, rows, rmask, d, d0, stride_dx, BLOCK_DO)
+        if d0 == 0:
+            tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
 
     # ----------------------------------------------------------------------------------------
     # SigLIP, multi-similarity, softmax-weighted matmul: the same tile loop (``_oriented_sim``,
@@ -306,6 +460,7 @@ if triton is not None:
         """out[rows] = scale · Σ_c G_rc B_c with G_ij = −g_i σ_ij sigmoid(−σ_ij (z_ij + bias));
         per program, the partials Σ G∘s and Σ G (for dscale and dbias)."""
         pid = tl.program_id(0)
+        d0 = tl.program_id(1) * BLOCK_DO  # feature chunk of the output
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < n_a
         scale = tl.load(scale_ptr)
@@ -327,11 +482,12 @@ if triton is not None:
             G = tl.where(rmask[:, None] & cmask[None, :], -g * sign * sig, 0.0)
             ds += tl.sum(G * s, 1)
             db += tl.sum(G, 1)
-            acc = _acc_rows_times(acc, G, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+            acc = _acc_rows_times(acc, G, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO,
                                   ALLOW_TF32)
-        _store_rows(out_ptr, acc * scale, rows, rmask, d, stride_o, BLOCK_DO)
-        tl.store(part_ptr + 2 * pid, tl.sum(ds, 0))
-        tl.store(part_ptr + 2 * pid + 1, tl.sum(db, 0))
+        _store_rows(out_ptr, acc * scale, rows, rmask, d, d0, stride_o, BLOCK_DO)
+        if d0 == 0:
+            tl.store(part_ptr + 2 * pid, tl.sum(ds, 0))
+            tl.store(part_ptr + 2 * pid + 1, tl.sum(db, 0))
 
     @triton.jit
     def _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n_a, n_b, n_i, n_j, offset,
@@ -430,6 +586,7 @@ if triton is not None:
         """out[rows] = Σ_c dS_rc B_c, dS_ij = g_i (e^{β(s−base) − nlse_i}·kept_neg
         − e^{−α(s−base) − plse_i}·kept_pos): dx (rows = anchors) or dy (TRANSPOSED)."""
         pid = tl.program_id(0)
+        d0 = tl.program_id(1) * BLOCK_DO  # feature chunk of the output
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < n_a
         acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
@@ -447,9 +604,9 @@ if triton is not None:
             nlse = _anchor_vec(nlse_ptr, rows, cols, n_i, TRANSPOSED)
             dS = (tl.where(kn, g * tl.exp(beta * (s - base) - nlse), 0.0)
                   - tl.where(kp, g * tl.exp(-alpha * (s - base) - plse), 0.0))
-            acc = _acc_rows_times(acc, dS, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+            acc = _acc_rows_times(acc, dS, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO,
                                   ALLOW_TF32)
-        _store_rows(out_ptr, acc, rows, rmask, d, stride_o, BLOCK_DO)
+        _store_rows(out_ptr, acc, rows, rmask, d, d0, stride_o, BLOCK_DO)
 
     @triton.jit
     def _smm_fwd_rows(x_ptr, y_ptr, v_ptr, scale_ptr, bias_ptr, out_ptr, lse_ptr, n, m, d, e,
@@ -526,6 +683,7 @@ if triton is not None:
         """dx (rows = x; B = y) or, TRANSPOSED, dy (rows = y; B = x): out = scale · dZ @ B.
         Per program the partial Σ dZ∘s (dscale); per row Σ_c dZ (dbias, TRANSPOSED only)."""
         pid = tl.program_id(0)
+        d0 = tl.program_id(1) * BLOCK_DO  # feature chunk of the output
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         if TRANSPOSED:
             n_a = m
@@ -554,12 +712,13 @@ if triton is not None:
                              BLOCK_N, BLOCK_E)
             ds += tl.sum(dz * s, 1)
             dbias += tl.sum(dz, 1)
-            acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, stride_b, BLOCK_DO,
+            acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO,
                                   ALLOW_TF32)
-        _store_rows(out_ptr, acc * scale, rows, rmask, d, stride_o, BLOCK_DO)
-        tl.store(part_ptr + pid, tl.sum(ds, 0))
-        if TRANSPOSED:
-            tl.store(part_ptr + tl.num_programs(0) + rows, dbias, mask=rmask)
+        _store_rows(out_ptr, acc * scale, rows, rmask, d, d0, stride_o, BLOCK_DO)
+        if d0 == 0:
+            tl.store(part_ptr + pid, tl.sum(ds, 0))
+            if TRANSPOSED:
+                tl.store(part_ptr + tl.num_programs(0) + rows, dbias, mask=rmask)
 
     @triton.jit
     def _smm_dv_rows(x_ptr, y_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, g_ptr, n, m, d, e,
@@ -628,259 +787,612 @@ if triton is not None:
         tl.store(idx_ptr + out, idx, mask=ok)
 
 
-def _blocks(d: int):
-    """Tile sizes: small fixed ones under the interpreter; the output feature block covers D."""
-    bd = max(16, min(64, triton.next_power_of_2(d)))
-    bdo = max(16, triton.next_power_of_2(d))
+# --------------------------------------------------------------------------------------------
+# Tiles and launch configurations.
+
+# The output feature chunk of the gradient kernels: D > _MAX_BLOCK_DO is split over the grid's
+# second axis (each chunk recomputes the similarity tiles: (⌈D/512⌉ + 1)·N·M·D per gradient
+# pass instead of 2·N·M·D, in exchange for a (BLOCK_M, 512) fp32 accumulator at most).
+_MAX_BLOCK_DO = 512
+
+
+def _tiles(d: int, dtype: torch.dtype):
+    """(BLOCK_M = BLOCK_N, BLOCK_D, BLOCK_DO) for one op, keyed on D (and dtype).
+
+    These are not autotuned per kernel on purpose: every pass of one op must see the same tile
+    shape and feature loop, or s_ij differs in the last bits between passes (LSE consistency at
+    large logits, multi-similarity mining).  ``triton.autotune`` below varies only what leaves
+    the arithmetic unchanged (num_warps, num_stages).  Small fixed tiles under the interpreter.
+    The GPU choices are untested on hardware (no GPU measurement behind them)."""
+    p2 = triton.next_power_of_2(d)
+    bd = max(16, min(64, p2))
+    bdo = max(16, min(p2, _MAX_BLOCK_DO))
     if INTERPRET:
-        return 16, 16, bd, bdo
-    return (64, 64, bd, bdo) if bdo <= 256 else (32, 32, bd, bdo)
+        return 16, bd, bdo
+    wide = dtype in (torch.float16, torch.bfloat16)
+    # fp32 operands take twice the shared memory per tile: a shorter feature step.
+    bd = max(16, min(64 if wide else 32, p2))
+    return (64 if bdo <= 256 else 32), bd, bdo
+
+
+def _configs():
+    """Autotune candidates: num_warps × num_stages per architecture (sm_90 has more shared
+    memory for deeper pipelines).  One config under the interpreter (no benchmarking, fast
+    CI).  UNTESTED ON HARDWARE: chosen from the usual flash-attention ranges, not measured."""
+    if INTERPRET or not torch.cuda.is_available():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    major = torch.cuda.get_device_capability()[0]
+    stages = (2, 3, 4) if major >= 9 else (2, 3)
+    # num_warps ≥ 4 keeps Hopper on the same MMA instruction family for every config.
+    return [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in stages]
+
+
+def _tuned(fn, reset=()):
+    """``triton.autotune`` keyed on D (the kernel argument ``d``; Triton adds the tensor dtypes
+    to the key).  ``reset``: the outputs a kernel accumulates into atomically, zeroed before
+    every benchmarked run."""
+    return triton.autotune(configs=_configs(), key=["d"], reset_to_zero=list(reset) or None)(fn)
+
+
+if triton is not None:
+    _K = {
+        "lse_rows": _tuned(_lse_rows),
+        "grad_rows": _tuned(_grad_rows),
+        "lse_rowcol": _tuned(_lse_rowcol, ("csum_ptr", "cpsum_ptr", "cpcnt_ptr")),
+        "grad_xy": _tuned(_grad_xy, ("dy_ptr", "dbias_ptr")),
+        "siglip_fwd": _tuned(_siglip_fwd_rows),
+        "siglip_grad": _tuned(_siglip_grad_rows),
+        "ms_mine": _tuned(_ms_mine_rows),
+        "ms_fwd": _tuned(_ms_fwd_rows),
+        "ms_grad": _tuned(_ms_grad_rows),
+        "smm_fwd": _tuned(_smm_fwd_rows),
+        "smm_grad": _tuned(_smm_grad_rows),
+        "smm_dv": _tuned(_smm_dv_rows),
+        "topk": _tuned(_topk_rows),
+    }
 
 
 def _tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
+# --------------------------------------------------------------------------------------------
+# Deterministic or fused contrastive passes.
+
+#: ``None`` (default): deterministic only when ``torch.use_deterministic_algorithms(True)`` is
+#: on or the environment sets ``FUSED_LOSSES_DETERMINISTIC=1``; ``True``/``False`` force it.
+DETERMINISTIC: bool | None = None
+
+
+def deterministic() -> bool:
+    """Which contrastive path runs (read at each call, inside the ops).
+
+    - fused (default): forward = 1 similarity sweep (row LSE in registers, column sums by
+      atomics against a norm-bound reference, plus an exact pass over only the columns that
+      bound could not resolve); backward = 1 sweep with 3 GEMM-sized products (s, dZ·Y,
+      dZᵀ·X with atomic dy).  Symmetric CLIP forward+backward: 4 N·M·D matmul passes.
+      Run-to-run differences are fp32 atomic-order rounding only (well inside SPEC §7).
+    - deterministic: forward = row pass + column pass (2 similarity GEMMs); backward = a
+      row-parallel dx pass and a column-parallel dy pass, each recomputing s (4 GEMMs): 6
+      passes, no atomics, bit-reproducible.
+    The default follows PyTorch's own convention (atomics unless deterministic algorithms are
+    requested).  Neither path has been timed on a GPU."""
+    if DETERMINISTIC is not None:
+        return bool(DETERMINISTIC)
+    if os.environ.get("FUSED_LOSSES_DETERMINISTIC", "") not in ("", "0"):
+        return True
+    return torch.are_deterministic_algorithms_enabled()
+
+
+# One-sweep column sums below this are re-done exactly: then every term that matters is a
+# normal fp32 number (terms flushed below 2^-126 lose at most N·2^-126, relative ≤ N·2^-62).
+_COL_SUM_FLOOR = 2.0 ** -64
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel launches (the bodies of the custom ops below).
+
+def _labels(labels, key_labels, device):
+    if labels is None:
+        z = torch.zeros(1, dtype=torch.long, device=device)
+        return z, z
+    return labels.contiguous(), key_labels.contiguous()
+
+
+def _f32(n, device):
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+def _mask_kw(labels, excl, decoupled, no_pos):
+    return dict(HAS_LABELS=labels is not None, NO_POS=no_pos, EXCL=excl, DECOUPLED=decoupled)
+
+
+def _rows_pass(a, b, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
+               transposed, tiles, out=None, idx=None):
+    """Row statistics of a against b (TRANSPOSED: the columns of the original problem).
+    ``idx``: only those rows (written into ``out`` at their own indices)."""
+    n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
+    bm, bd, _ = tiles
+    if out is None:
+        out = (_f32(n_a, a.device), _f32(n_a, a.device), _f32(n_a, a.device))
+    lse, psum, pcnt = out
+    lab, klab = _labels(labels, key_labels, a.device)
+    n_rows = n_a if idx is None else idx.shape[0]
+    _K["lse_rows"][(triton.cdiv(n_rows, bm),)](
+        a, b, scale, bias if bias is not None else lse, lab, klab, lse, psum, pcnt,
+        idx if idx is not None else lab, n_rows, n_a, n_b, d, a.stride(0), b.stride(0), n_keys,
+        offset, HAS_BIAS=bias is not None, TRANSPOSED=transposed, HAS_IDX=idx is not None,
+        ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd,
+        **_mask_kw(labels, excl, decoupled, no_pos))
+    return lse, psum, pcnt
+
+
+def _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
+                 tiles):
+    """Fused forward: row and column statistics in one sweep, then the exact column pass over
+    only the columns whose one-sweep sum is not resolved (none, for well-scaled inputs)."""
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    bm, bd, _ = tiles
+    dev = x.device
+    keys = y[:n_keys]
+    # cref_j = |scale| · max_i ‖x_i‖ · ‖y_j‖ ≥ max_i z_ij (Cauchy–Schwarz), inflated by 2^-9
+    # relative so that rounding of s (tf32 included) never puts a term above it.
+    xmax = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()
+    cref = (scale.abs() * xmax * torch.linalg.vector_norm(keys, dim=1, dtype=torch.float32)
+            * (1.0 + 2.0 ** -9)).contiguous()
+    row = (_f32(n, dev), _f32(n, dev), _f32(n, dev))
+    csum, cpsum, cpcnt = (torch.zeros(n_keys, dtype=torch.float32, device=dev)
+                          for _ in range(3))
+    lab, klab = _labels(labels, key_labels, dev)
+    _K["lse_rowcol"][(triton.cdiv(n, bm),)](
+        x, y, scale, cref, lab, klab, *row, csum, cpsum, cpcnt, n, m, d, x.stride(0),
+        y.stride(0), n_keys, offset, ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd,
+        **_mask_kw(labels, excl, decoupled, no_pos))
+    # A NaN sum is a NaN column (kept); 0/tiny sums (an empty column, or a reference far above
+    # the column's max) and a non-finite reference go to the exact pass.
+    col_lse = cref + torch.log(csum)
+    redo = (csum < _COL_SUM_FLOOR) | torch.isinf(csum) | ~torch.isfinite(cref)
+    idx = torch.nonzero(redo).flatten()  # host sync, O(M)
+    if idx.numel() > 0:
+        _rows_pass(keys, x, scale, None, labels, key_labels, n_keys, offset, excl, decoupled,
+                   no_pos, True, tiles, out=(col_lse, cpsum, cpcnt), idx=idx)
+    return (*row, col_lse, cpsum, cpcnt)
+
+
+def _contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled,
+                     no_pos, want_cols):
+    x, y = x.contiguous(), y.contiguous()
+    scale = scale.float().reshape(1)
+    tiles = _tiles(x.shape[1], x.dtype)
+    if want_cols and not deterministic():
+        return _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decoupled,
+                            no_pos, tiles)
+    b = None if bias is None else bias.float().contiguous()
+    row = _rows_pass(x, y, scale, b, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
+                     False, tiles)
+    if not want_cols:
+        return (*row, *(_f32(0, x.device) for _ in range(3)))
+    col = _rows_pass(y[:n_keys], x, scale, None, labels, key_labels, n_keys, offset, excl,
+                     decoupled, no_pos, True, tiles)
+    return (*row, *col)
+
+
+def _grad_pass(a, b, scale, biasc, biasr, lse_a, g_a, gp_a, lse_b, g_b, gp_b, labels,
+               key_labels, n_keys, offset, excl, decoupled, no_pos, transposed, tiles):
+    n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
+    bm, bd, bdo = tiles
+    out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
+    grid = triton.cdiv(n_a, bm)
+    dscale = _f32(grid, a.device)
+    bterm = _f32(n_a, a.device)
+    lab, klab = _labels(labels, key_labels, a.device)
+    has_b = lse_b is not None
+    _K["grad_rows"][(grid, triton.cdiv(d, bdo))](
+        a, b, out, scale, biasc if biasc is not None else dscale,
+        biasr if biasr is not None else dscale, lse_a, g_a, gp_a,
+        lse_b if has_b else lse_a, g_b if has_b else g_a, gp_b if has_b else gp_a,
+        lab, klab, dscale, bterm, n_a, n_b, d, a.stride(0), b.stride(0), out.stride(0),
+        n_keys, offset, HAS_BIAS_C=biasc is not None, HAS_BIAS_R=biasr is not None,
+        HAS_B=has_b, TRANSPOSED=transposed, ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm,
+        BLOCK_D=bd, BLOCK_DO=bdo, **_mask_kw(labels, excl, decoupled, no_pos))
+    return out, dscale, bterm
+
+
+def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled,
+                     no_pos, row_lse, g_row, g_rowpos, col_lse, g_col, g_colpos):
+    x, y = x.contiguous(), y.contiguous()
+    scale = scale.float().reshape(1)
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    tiles = _tiles(d, x.dtype)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    b = None if bias is None else bias.float().contiguous()
+    row_lse, g_row, g_rowpos = (t.float().contiguous() for t in (row_lse, g_row, g_rowpos))
+    if col_lse is not None:
+        # Column statistics over all M columns (extra negatives take no column term).
+        pad = m - n_keys
+        col_lse = torch.cat([col_lse.float(), torch.zeros(pad, **f32)])
+        g_col = torch.cat([g_col.float(), torch.zeros(pad, **f32)])
+        g_colpos = torch.cat([g_colpos.float(), torch.zeros(pad, **f32)])
+    mk = dict(labels=labels, key_labels=key_labels, n_keys=n_keys, offset=offset, excl=excl,
+              decoupled=decoupled, no_pos=no_pos)
+    if not deterministic():
+        bm, bd, bdo = tiles
+        grid = (triton.cdiv(n, bm), triton.cdiv(d, bdo))
+        dx = torch.empty(n, d, **f32)
+        dy = torch.zeros(m, d, **f32)
+        parts = torch.empty(grid[0], **f32)
+        dbias = torch.zeros(m if b is not None else 0, **f32)
+        has_col = col_lse is not None
+        lab, klab = _labels(labels, key_labels, x.device)
+        _K["grad_xy"][grid](
+            x, y, dx, dy, scale, b if b is not None else parts, row_lse, g_row, g_rowpos,
+            col_lse if has_col else row_lse, g_col if has_col else g_row,
+            g_colpos if has_col else g_rowpos, lab, klab, parts,
+            dbias if b is not None else parts, n, m, d, x.stride(0), y.stride(0), dx.stride(0),
+            dy.stride(0), n_keys, offset, HAS_BIAS=b is not None, HAS_COL=has_col,
+            ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, BLOCK_DO=bdo,
+            **_mask_kw(labels, excl, decoupled, no_pos))
+        return dx, dy, parts.double().sum().float(), dbias
+    # dx: rows = queries; a-side = row statistics, b-side = column statistics.
+    dx, dscale_parts, _ = _grad_pass(x, y, scale, b, None, row_lse, g_row, g_rowpos, col_lse,
+                                     g_col, g_colpos, transposed=False, tiles=tiles, **mk)
+    # dy: rows = keys (and extra negatives); a-side = column statistics (zero where there
+    # are none), b-side = row statistics; the row-side bias now indexes the rows.
+    zeros_m = torch.zeros(m, **f32)
+    a_lse = col_lse if col_lse is not None else zeros_m
+    a_g = g_col if g_col is not None else zeros_m
+    a_gp = g_colpos if g_colpos is not None else zeros_m
+    dy, _, bterm = _grad_pass(y, x, scale, None, b, a_lse, a_g, a_gp, row_lse, g_row, g_rowpos,
+                              transposed=True, tiles=tiles, **mk)
+    dscale = dscale_parts.double().sum().float()
+    return dx, dy, dscale, (bterm if b is not None else _f32(0, x.device))
+
+
+def _kw(tiles):
+    bm, bd, _ = tiles
+    return dict(ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd)
+
+
+def _siglip_fwd(x, y, scale, bias, offset):
+    x, y = x.contiguous(), y.contiguous()
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    tiles = _tiles(d, x.dtype)
+    out = _f32(n, x.device)
+    _K["siglip_fwd"][(triton.cdiv(n, tiles[0]),)](
+        x, y, scale.float().reshape(1), bias.float().reshape(1), out, n, m, d, x.stride(0),
+        y.stride(0), offset, **_kw(tiles))
+    return out
+
+
+def _siglip_bwd(x, y, scale, bias, offset, g_row):
+    x, y = x.contiguous(), y.contiguous()
+    scale, bias = scale.float().reshape(1), bias.float().reshape(1)
+    g = g_row.float().contiguous()
+    d = x.shape[1]
+    tiles = _tiles(d, x.dtype)
+    bm, _, bdo = tiles
+    outs = []
+    for a, b, transposed in ((x, y, False), (y, x, True)):
+        grid = triton.cdiv(a.shape[0], bm)
+        out = torch.empty(a.shape[0], d, dtype=torch.float32, device=a.device)
+        parts = torch.empty(grid, 2, dtype=torch.float32, device=a.device)
+        _K["siglip_grad"][(grid, triton.cdiv(d, bdo))](
+            a, b, out, scale, bias, g, parts, a.shape[0], b.shape[0], d, a.stride(0),
+            b.stride(0), out.stride(0), x.shape[0], offset, TRANSPOSED=transposed,
+            BLOCK_DO=bdo, **_kw(tiles))
+        outs.append((out, parts))
+    # per-program fp32 partials, summed in fp64 (the contract's rule for these scalars)
+    sums = outs[0][1].double().sum(0)
+    return outs[0][0], outs[1][0], sums[0].float(), sums[1].float()
+
+
+def _ms_consts(alpha, beta, base, epsilon):
+    return dict(alpha=float(alpha), beta=float(beta), base=float(base),
+                epsilon=0.0 if epsilon is None else float(epsilon), HAS_EPS=epsilon is not None)
+
+
+def _ms_mine(x, y, labels, ref_labels, offset, exclude_self):
+    x, y = x.contiguous(), y.contiguous()
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    tiles = _tiles(d, x.dtype)
+    min_pos, max_neg = _f32(n, x.device), _f32(n, x.device)
+    _K["ms_mine"][(triton.cdiv(n, tiles[0]),)](
+        x, y, labels.contiguous(), ref_labels.contiguous(), min_pos, max_neg, n, m, d,
+        x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self, **_kw(tiles))
+    return min_pos, max_neg
+
+
+def _ms_fwd(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+            min_pos, max_neg):
+    x, y = x.contiguous(), y.contiguous()
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    tiles = _tiles(d, x.dtype)
+    pos_lse, neg_lse = _f32(n, x.device), _f32(n, x.device)
+    mp = pos_lse if min_pos is None else min_pos
+    mn = pos_lse if max_neg is None else max_neg
+    _K["ms_fwd"][(triton.cdiv(n, tiles[0]),)](
+        x, y, labels.contiguous(), ref_labels.contiguous(), mp, mn, pos_lse, neg_lse, n, m, d,
+        x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self,
+        **_ms_consts(alpha, beta, base, epsilon), **_kw(tiles))
+    return pos_lse, neg_lse
+
+
+def _ms_bwd(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+            min_pos, max_neg, pos_lse, neg_lse, g):
+    x, y = x.contiguous(), y.contiguous()
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    tiles = _tiles(d, x.dtype)
+    bm, _, bdo = tiles
+    g = g.float().contiguous()
+    mp = pos_lse if min_pos is None else min_pos
+    mn = pos_lse if max_neg is None else max_neg
+    labels, ref_labels = labels.contiguous(), ref_labels.contiguous()
+    grads = []
+    for a, b, transposed in ((x, y, False), (y, x, True)):
+        out = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
+        _K["ms_grad"][(triton.cdiv(a.shape[0], bm), triton.cdiv(d, bdo))](
+            a, b, out, labels, ref_labels, mp, mn, pos_lse, neg_lse, g, a.shape[0], b.shape[0],
+            d, a.stride(0), b.stride(0), out.stride(0), n, m, offset, EXCL_SELF=exclude_self,
+            TRANSPOSED=transposed, BLOCK_DO=bdo, **_ms_consts(alpha, beta, base, epsilon),
+            **_kw(tiles))
+        grads.append(out)
+    return grads[0], grads[1]
+
+
+def _topk(x, y, k, exclude_diagonal):
+    x, y = x.contiguous(), y.contiguous()
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    tiles = _tiles(d, x.dtype)
+    kw = _kw(tiles)
+    kw.pop("BLOCK_N")
+    bk = max(16, triton.next_power_of_2(k))
+    bm = kw["BLOCK_M"]
+    kw["BLOCK_M"] = bm if INTERPRET else min(bm, max(1, 4096 // bk), 16)  # keys: BM × BK int64
+    vals = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    _K["topk"][(triton.cdiv(n, kw["BLOCK_M"]),)](
+        x, y, vals, idx, n, m, d, k, x.stride(0), y.stride(0), EXCL=exclude_diagonal,
+        BLOCK_K=bk, **kw)
+    return vals, idx
+
+
+def _block_e(e):
+    return max(16, min(64, triton.next_power_of_2(e)))
+
+
+def _softmax_matmul_fwd(x, y, v, scale, bias):
+    x, y, v = x.contiguous(), y.contiguous(), v.contiguous()
+    n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
+    tiles = _tiles(d, x.dtype)
+    be = _block_e(e)
+    out = torch.empty(n, e, dtype=torch.float32, device=x.device)
+    lse = _f32(n, x.device)
+    b = None if bias is None else bias.float().contiguous()
+    _K["smm_fwd"][(triton.cdiv(n, tiles[0]), triton.cdiv(e, be))](
+        x, y, v, scale.float().reshape(1), b if b is not None else lse, out, lse, n, m, d, e,
+        x.stride(0), y.stride(0), v.stride(0), out.stride(0), HAS_BIAS=b is not None,
+        BLOCK_E=be, **_kw(tiles))
+    return out, lse
+
+
+def _softmax_matmul_bwd(x, y, v, scale, bias, out, lse, g_out):
+    x, y = x.contiguous(), y.contiguous()
+    n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
+    tiles = _tiles(d, x.dtype)
+    bm, _, bdo = tiles
+    be = _block_e(e)
+    v = v.float().contiguous()  # O(M·E): the g_out·v tile then dots fp32 with fp32
+    scale = scale.float().reshape(1)
+    b = None if bias is None else bias.float().contiguous()
+    g = g_out.float().contiguous()
+    lse = lse.float().contiguous()
+    delta = (g * out.float()).sum(1)  # O(N·E)
+    grads, parts = [], []
+    for a, bb, transposed in ((x, y, False), (y, x, True)):
+        grid = triton.cdiv(a.shape[0], bm)
+        o = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
+        part = torch.empty(grid + (m if transposed else 0), dtype=torch.float32,
+                           device=x.device)
+        _K["smm_grad"][(grid, triton.cdiv(d, bdo))](
+            a, bb, o, scale, b if b is not None else lse, lse, delta, g, v, part, n, m, d, e,
+            a.stride(0), bb.stride(0), o.stride(0), g.stride(0), v.stride(0),
+            HAS_BIAS=b is not None, TRANSPOSED=transposed, BLOCK_DO=bdo, BLOCK_E=be,
+            **_kw(tiles))
+        grads.append(o)
+        parts.append((grid, part))
+    dv = torch.empty(m, e, dtype=torch.float32, device=x.device)
+    _K["smm_dv"][(triton.cdiv(m, bm), triton.cdiv(e, be))](
+        x, y, dv, scale, b if b is not None else lse, lse, g, n, m, d, e, x.stride(0),
+        y.stride(0), dv.stride(0), g.stride(0), HAS_BIAS=b is not None, BLOCK_E=be,
+        **_kw(tiles))
+    grid_y, part_y = parts[1]
+    dscale = parts[0][1].double().sum().float()
+    dbias = part_y[grid_y:].clone() if b is not None else _f32(0, x.device)
+    return grads[0], grads[1], dv, dscale, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: each kernel entry point is one opaque op with a fake (shapes and
+# dtypes only), so torch.compile(fullgraph=True) traces fused.py's autograd Functions with the
+# Triton launches left as single graph nodes (``torch.library.triton_op`` would let inductor
+# see inside, but does not trace under the interpreter; NOTES.md).  Outputs are fp32 (the acc
+# dtype of this backend); an absent optional output is a (0,) tensor.
+
+_LIB = "fused_losses_triton"
+T = torch.Tensor
+OptT = Optional[torch.Tensor]
+
+
+def _vec(t, n):
+    return t.new_empty((n,), dtype=torch.float32)
+
+
+def _mat(t, shape):
+    return t.new_empty(shape, dtype=torch.float32)
+
+
+def _def(name, impl, fake):
+    op = torch.library.custom_op(f"{_LIB}::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+def _contrastive_fwd_op(x: T, y: T, scale: T, bias: OptT, labels: OptT, key_labels: OptT,
+                        n_keys: int, offset: int, exclude_diagonal: bool, decoupled: bool,
+                        no_positives: bool, want_cols: bool
+                        ) -> tuple[T, T, T, T, T, T]:
+    return _contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
+                            exclude_diagonal, decoupled, no_positives, want_cols)
+
+
+def _contrastive_fwd_fake(x, y, scale, bias, labels, key_labels, n_keys, offset,
+                          exclude_diagonal, decoupled, no_positives, want_cols):
+    n, c = x.shape[0], (n_keys if want_cols else 0)
+    return tuple(_vec(x, n) for _ in range(3)) + tuple(_vec(x, c) for _ in range(3))
+
+
+def _contrastive_bwd_op(x: T, y: T, scale: T, bias: OptT, labels: OptT, key_labels: OptT,
+                        n_keys: int, offset: int, exclude_diagonal: bool, decoupled: bool,
+                        no_positives: bool, row_lse: T, g_row: T, g_rowpos: T, col_lse: OptT,
+                        g_col: OptT, g_colpos: OptT) -> tuple[T, T, T, T]:
+    return _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
+                            exclude_diagonal, decoupled, no_positives, row_lse, g_row, g_rowpos,
+                            col_lse, g_col, g_colpos)
+
+
+def _contrastive_bwd_fake(x, y, scale, bias, *args):
+    return (_mat(x, x.shape), _mat(y, y.shape), _mat(x, ()),
+            _vec(x, y.shape[0] if bias is not None else 0))
+
+
+def _siglip_fwd_op(x: T, y: T, scale: T, bias: T, offset: int) -> T:
+    return _siglip_fwd(x, y, scale, bias, offset)
+
+
+def _siglip_bwd_op(x: T, y: T, scale: T, bias: T, offset: int, g_row: T) -> tuple[T, T, T, T]:
+    return _siglip_bwd(x, y, scale, bias, offset, g_row)
+
+
+def _ms_mine_op(x: T, y: T, labels: T, ref_labels: T, offset: int, exclude_self: bool
+                ) -> tuple[T, T]:
+    return _ms_mine(x, y, labels, ref_labels, offset, exclude_self)
+
+
+def _ms_fwd_op(x: T, y: T, labels: T, ref_labels: T, offset: int, exclude_self: bool,
+               alpha: float, beta: float, base: float, epsilon: float | None,
+               min_pos: OptT, max_neg: OptT) -> tuple[T, T]:
+    return _ms_fwd(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+                   min_pos, max_neg)
+
+
+def _ms_bwd_op(x: T, y: T, labels: T, ref_labels: T, offset: int, exclude_self: bool,
+               alpha: float, beta: float, base: float, epsilon: float | None, min_pos: OptT,
+               max_neg: OptT, pos_lse: T, neg_lse: T, g: T) -> tuple[T, T]:
+    return _ms_bwd(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
+                   min_pos, max_neg, pos_lse, neg_lse, g)
+
+
+def _smm_fwd_op(x: T, y: T, v: T, scale: T, bias: OptT) -> tuple[T, T]:
+    return _softmax_matmul_fwd(x, y, v, scale, bias)
+
+
+def _smm_bwd_op(x: T, y: T, v: T, scale: T, bias: OptT, out: T, lse: T, g_out: T
+                ) -> tuple[T, T, T, T, T]:
+    return _softmax_matmul_bwd(x, y, v, scale, bias, out, lse, g_out)
+
+
+def _topk_op(x: T, y: T, k: int, exclude_diagonal: bool) -> tuple[T, T]:
+    return _topk(x, y, k, exclude_diagonal)
+
+
+def _two_rows_fake(x, y, *args):
+    return _vec(x, x.shape[0]), _vec(x, x.shape[0])
+
+
+def _two_grads_fake(x, y, *args):
+    return _mat(x, x.shape), _mat(y, y.shape)
+
+
+if triton is not None:
+    OPS = {
+        "contrastive_fwd": _def("contrastive_fwd", _contrastive_fwd_op, _contrastive_fwd_fake),
+        "contrastive_bwd": _def("contrastive_bwd", _contrastive_bwd_op, _contrastive_bwd_fake),
+        "siglip_fwd": _def("siglip_fwd", _siglip_fwd_op, lambda x, *a: _vec(x, x.shape[0])),
+        "siglip_bwd": _def("siglip_bwd", _siglip_bwd_op,
+                           lambda x, y, *a: (_mat(x, x.shape), _mat(y, y.shape), _mat(x, ()),
+                                             _mat(x, ()))),
+        "ms_mine": _def("ms_mine", _ms_mine_op, _two_rows_fake),
+        "ms_fwd": _def("ms_fwd", _ms_fwd_op, _two_rows_fake),
+        "ms_bwd": _def("ms_bwd", _ms_bwd_op, _two_grads_fake),
+        "softmax_matmul_fwd": _def(
+            "softmax_matmul_fwd", _smm_fwd_op,
+            lambda x, y, v, *a: (_mat(x, (x.shape[0], v.shape[1])), _vec(x, x.shape[0]))),
+        "softmax_matmul_bwd": _def(
+            "softmax_matmul_bwd", _smm_bwd_op,
+            lambda x, y, v, scale, bias, *a: (_mat(x, x.shape), _mat(y, y.shape),
+                                              _mat(v, v.shape), _mat(x, ()),
+                                              _vec(x, y.shape[0] if bias is not None else 0))),
+        "topk": _def("topk", _topk_op,
+                     lambda x, y, k, e: (_mat(x, (x.shape[0], k)),
+                                         x.new_empty((x.shape[0], k), dtype=torch.int64))),
+    }
+
+
+def _mask_args(mask):
+    return (mask.labels, mask.key_labels, mask.n_keys, mask.offset, mask.exclude_diagonal,
+            mask.decoupled, mask.no_positives)
+
+
 class TritonKernels:
-    """contrastive_fwd / contrastive_bwd of the contract (kernels.py) in Triton."""
-
-    @staticmethod
-    def _labels(mask, device):
-        if mask.labels is None:
-            z = torch.zeros(1, dtype=torch.long, device=device)
-            return z, z
-        return mask.labels.contiguous(), mask.key_labels.contiguous()
-
-    def _rows(self, a, b, scale, bias, mask, transposed):
-        n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
-        bm, bn, bd, _ = _blocks(d)
-        lse = torch.empty(n_a, dtype=torch.float32, device=a.device)
-        psum, pcnt = torch.empty_like(lse), torch.empty_like(lse)
-        lab, klab = self._labels(mask, a.device)
-        _lse_rows[(triton.cdiv(n_a, bm),)](
-            a, b, scale, bias if bias is not None else lse, lab, klab, lse, psum, pcnt,
-            n_a, n_b, d, a.stride(0), b.stride(0), mask.n_keys, mask.offset,
-            HAS_BIAS=bias is not None, TRANSPOSED=transposed,
-            HAS_LABELS=mask.labels is not None, NO_POS=mask.no_positives,
-            EXCL=mask.exclude_diagonal, DECOUPLED=mask.decoupled, ALLOW_TF32=_tf32(),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-        return lse, psum, pcnt
+    """The kernel contract (kernels.py) over the ``fused_losses_triton::*`` custom ops."""
 
     def contrastive_fwd(self, x, y, scale, bias, mask, want_cols):
-        x, y = x.contiguous(), y.contiguous()
-        scale = scale.float().reshape(1)
-        b = None if bias is None else bias.float().contiguous()
-        row_lse, rps, rpc = self._rows(x, y, scale, b, mask, False)
+        out = OPS["contrastive_fwd"](x, y, scale, bias, *_mask_args(mask), want_cols)
         if not want_cols:
-            return row_lse, rps, rpc, None, None, None
-        keys = y[: mask.n_keys]
-        col_lse, cps, cpc = self._rows(keys, x, scale, None, mask, True)
-        return row_lse, rps, rpc, col_lse, cps, cpc
-
-    def _grad(self, a, b, scale, biasc, biasr, lse_a, g_a, gp_a, lse_b, g_b, gp_b, mask,
-              transposed):
-        n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
-        bm, bn, bd, bdo = _blocks(d)
-        out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
-        grid = triton.cdiv(n_a, bm)
-        dscale = torch.empty(grid, dtype=torch.float32, device=a.device)
-        bterm = torch.empty(n_a, dtype=torch.float32, device=a.device)
-        lab, klab = self._labels(mask, a.device)
-        has_b = lse_b is not None
-        _grad_rows[(grid,)](
-            a, b, out, scale, biasc if biasc is not None else dscale,
-            biasr if biasr is not None else dscale, lse_a, g_a, gp_a,
-            lse_b if has_b else lse_a, g_b if has_b else g_a, gp_b if has_b else gp_a,
-            lab, klab, dscale, bterm, n_a, n_b, d, a.stride(0), b.stride(0), out.stride(0),
-            mask.n_keys, mask.offset,
-            HAS_BIAS_C=biasc is not None, HAS_BIAS_R=biasr is not None, HAS_B=has_b,
-            TRANSPOSED=transposed, HAS_LABELS=mask.labels is not None,
-            NO_POS=mask.no_positives, EXCL=mask.exclude_diagonal, DECOUPLED=mask.decoupled,
-            ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo)
-        return out, dscale, bterm
+            return (*out[:3], None, None, None)
+        return tuple(out)
 
     def contrastive_bwd(self, x, y, scale, bias, mask, row_lse, g_row, g_rowpos, col_lse, g_col,
                         g_colpos):
-        x, y = x.contiguous(), y.contiguous()
-        scale = scale.float().reshape(1)
-        _n, m, nk = x.shape[0], y.shape[0], mask.n_keys
-        f32 = dict(dtype=torch.float32, device=x.device)
-        b = None if bias is None else bias.float().contiguous()
-        row_lse, g_row, g_rowpos = (t.float().contiguous() for t in (row_lse, g_row, g_rowpos))
-        if col_lse is not None:
-            # Column statistics over all M columns (extra negatives take no column term).
-            pad = m - nk
-            col_lse = torch.cat([col_lse.float(), torch.zeros(pad, **f32)])
-            g_col = torch.cat([g_col.float(), torch.zeros(pad, **f32)])
-            g_colpos = torch.cat([g_colpos.float(), torch.zeros(pad, **f32)])
-        # dx: rows = queries; a-side = row statistics, b-side = column statistics.
-        dx, dscale_parts, _ = self._grad(x, y, scale, b, None, row_lse, g_row, g_rowpos,
-                                         col_lse, g_col, g_colpos, mask, False)
-        # dy: rows = keys (and extra negatives); a-side = column statistics (zero where there
-        # are none), b-side = row statistics; the row-side bias now indexes the rows.
-        zeros_m = torch.zeros(m, **f32)
-        a_lse = col_lse if col_lse is not None else zeros_m
-        a_g = g_col if g_col is not None else zeros_m
-        a_gp = g_colpos if g_colpos is not None else zeros_m
-        dy, _, bterm = self._grad(y, x, scale, None, b, a_lse, a_g, a_gp, row_lse, g_row,
-                                  g_rowpos, mask, True)
-        dscale = dscale_parts.double().sum().float()
-        return dx, dy, dscale, (bterm if bias is not None else None)
-
-    # -- SigLIP --------------------------------------------------------------------------------
-
-    @staticmethod
-    def _launch_args(d):
-        bm, bn, bd, bdo = _blocks(d)
-        return bm, dict(ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), bdo
+        dx, dy, dscale, dbias = OPS["contrastive_bwd"](
+            x, y, scale, bias, *_mask_args(mask), row_lse, g_row, g_rowpos, col_lse, g_col,
+            g_colpos)
+        return dx, dy, dscale, (dbias if bias is not None else None)
 
     def siglip_fwd(self, x, y, scale, bias, offset):
-        n, m, d = x.shape[0], y.shape[0], x.shape[1]
-        bm, kw, _ = self._launch_args(d)
-        out = torch.empty(n, dtype=torch.float32, device=x.device)
-        _siglip_fwd_rows[(triton.cdiv(n, bm),)](
-            x, y, scale.float().reshape(1), bias.float().reshape(1), out, n, m, d, x.stride(0),
-            y.stride(0), offset, **kw)
-        return out
-
-    def _siglip_grad(self, a, b, scale, bias, g, n_i, offset, transposed):
-        n_a, d = a.shape[0], a.shape[1]
-        bm, kw, bdo = self._launch_args(d)
-        grid = triton.cdiv(n_a, bm)
-        out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
-        parts = torch.empty(grid, 2, dtype=torch.float32, device=a.device)
-        _siglip_grad_rows[(grid,)](
-            a, b, out, scale, bias, g, parts, n_a, b.shape[0], d, a.stride(0), b.stride(0),
-            out.stride(0), n_i, offset, TRANSPOSED=transposed, BLOCK_DO=bdo, **kw)
-        return out, parts
+        return OPS["siglip_fwd"](x, y, scale, bias, offset)
 
     def siglip_bwd(self, x, y, scale, bias, offset, g_row):
-        scale, bias = scale.float().reshape(1), bias.float().reshape(1)
-        g = g_row.float().contiguous()
-        dx, parts = self._siglip_grad(x, y, scale, bias, g, x.shape[0], offset, False)
-        dy, _ = self._siglip_grad(y, x, scale, bias, g, x.shape[0], offset, True)
-        # per-program fp32 partials, summed in fp64 (the contract's rule for these scalars)
-        sums = parts.double().sum(0)
-        return dx, dy, sums[0].float(), sums[1].float()
-
-    # -- multi-similarity ------------------------------------------------------------------
-
-    @staticmethod
-    def _ms_consts(alpha, beta, base, epsilon):
-        return dict(alpha=float(alpha), beta=float(beta), base=float(base),
-                    epsilon=0.0 if epsilon is None else float(epsilon),
-                    HAS_EPS=epsilon is not None)
+        return tuple(OPS["siglip_bwd"](x, y, scale, bias, offset, g_row))
 
     def ms_mine(self, x, y, labels, ref_labels, offset, exclude_self):
-        n, m, d = x.shape[0], y.shape[0], x.shape[1]
-        bm, kw, _ = self._launch_args(d)
-        min_pos = torch.empty(n, dtype=torch.float32, device=x.device)
-        max_neg = torch.empty_like(min_pos)
-        _ms_mine_rows[(triton.cdiv(n, bm),)](
-            x, y, labels.contiguous(), ref_labels.contiguous(), min_pos, max_neg, n, m, d,
-            x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self, **kw)
-        return min_pos, max_neg
+        return tuple(OPS["ms_mine"](x, y, labels, ref_labels, offset, exclude_self))
 
     def ms_fwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
                min_pos, max_neg):
-        n, m, d = x.shape[0], y.shape[0], x.shape[1]
-        bm, kw, _ = self._launch_args(d)
-        pos_lse = torch.empty(n, dtype=torch.float32, device=x.device)
-        neg_lse = torch.empty_like(pos_lse)
-        mp = pos_lse if min_pos is None else min_pos
-        mn = pos_lse if max_neg is None else max_neg
-        _ms_fwd_rows[(triton.cdiv(n, bm),)](
-            x, y, labels.contiguous(), ref_labels.contiguous(), mp, mn, pos_lse, neg_lse, n, m,
-            d, x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self,
-            **self._ms_consts(alpha, beta, base, epsilon), **kw)
-        return pos_lse, neg_lse
+        return tuple(OPS["ms_fwd"](x, y, labels, ref_labels, offset, exclude_self, float(alpha),
+                                   float(beta), float(base),
+                                   None if epsilon is None else float(epsilon), min_pos,
+                                   max_neg))
 
     def ms_bwd(self, x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
                min_pos, max_neg, pos_lse, neg_lse, g):
-        n, m, d = x.shape[0], y.shape[0], x.shape[1]
-        bm, kw, bdo = self._launch_args(d)
-        g = g.float().contiguous()
-        mp = pos_lse if min_pos is None else min_pos
-        mn = pos_lse if max_neg is None else max_neg
-        labels, ref_labels = labels.contiguous(), ref_labels.contiguous()
-        consts = self._ms_consts(alpha, beta, base, epsilon)
-        grads = []
-        for a, b, transposed in ((x, y, False), (y, x, True)):
-            out = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
-            _ms_grad_rows[(triton.cdiv(a.shape[0], bm),)](
-                a, b, out, labels, ref_labels, mp, mn, pos_lse, neg_lse, g, a.shape[0],
-                b.shape[0], d, a.stride(0), b.stride(0), out.stride(0), n, m, offset,
-                EXCL_SELF=exclude_self, TRANSPOSED=transposed, BLOCK_DO=bdo, **consts, **kw)
-            grads.append(out)
-        return grads[0], grads[1]
-
-    # -- top-k ---------------------------------------------------------------------------------
-
-    def topk(self, x, y, k, exclude_diagonal):
-        n, m, d = x.shape[0], y.shape[0], x.shape[1]
-        bm, kw, _ = self._launch_args(d)
-        kw.pop("BLOCK_N")
-        bk = max(16, triton.next_power_of_2(k))
-        bm = min(bm, max(1, 4096 // bk), 16) if not INTERPRET else bm  # keys: BM × BK int64
-        kw["BLOCK_M"] = bm
-        vals = torch.empty(n, k, dtype=torch.float32, device=x.device)
-        idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
-        _topk_rows[(triton.cdiv(n, bm),)](
-            x, y, vals, idx, n, m, d, k, x.stride(0), y.stride(0), EXCL=exclude_diagonal,
-            BLOCK_K=bk, **kw)
-        return vals, idx
-
-    # -- softmax-weighted matmul ---------------------------------------------------------------
-
-    @staticmethod
-    def _block_e(e):
-        return max(16, min(64, triton.next_power_of_2(e)))
+        return tuple(OPS["ms_bwd"](x, y, labels, ref_labels, offset, exclude_self, float(alpha),
+                                   float(beta), float(base),
+                                   None if epsilon is None else float(epsilon), min_pos,
+                                   max_neg, pos_lse, neg_lse, g))
 
     def softmax_matmul_fwd(self, x, y, v, scale, bias):
-        n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
-        bm, kw, _ = self._launch_args(d)
-        be = self._block_e(e)
-        v = v.contiguous()
-        out = torch.empty(n, e, dtype=torch.float32, device=x.device)
-        lse = torch.empty(n, dtype=torch.float32, device=x.device)
-        b = None if bias is None else bias.float().contiguous()
-        _smm_fwd_rows[(triton.cdiv(n, bm), triton.cdiv(e, be))](
-            x, y, v, scale.float().reshape(1), b if b is not None else lse, out, lse, n, m, d, e,
-            x.stride(0), y.stride(0), v.stride(0), out.stride(0), HAS_BIAS=b is not None,
-            BLOCK_E=be, **kw)
-        return out, lse
+        return tuple(OPS["softmax_matmul_fwd"](x, y, v, scale, bias))
 
     def softmax_matmul_bwd(self, x, y, v, scale, bias, out, lse, g_out):
-        n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
-        bm, kw, bdo = self._launch_args(d)
-        be = self._block_e(e)
-        v = v.float().contiguous()  # O(M·E): the g_out·v tile then dots fp32 with fp32
-        scale = scale.float().reshape(1)
-        b = None if bias is None else bias.float().contiguous()
-        g = g_out.float().contiguous()
-        lse = lse.float().contiguous()
-        delta = (g * out.float()).sum(1)  # O(N·E)
-        grads, parts = [], []
-        for a, bb, transposed in ((x, y, False), (y, x, True)):
-            grid = triton.cdiv(a.shape[0], bm)
-            o = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
-            part = torch.empty(grid + (m if transposed else 0), dtype=torch.float32,
-                               device=x.device)
-            _smm_grad_rows[(grid,)](
-                a, bb, o, scale, b if b is not None else lse, lse, delta, g, v, part, n, m, d, e,
-                a.stride(0), bb.stride(0), o.stride(0), g.stride(0), v.stride(0),
-                HAS_BIAS=b is not None, TRANSPOSED=transposed, BLOCK_DO=bdo, BLOCK_E=be, **kw)
-            grads.append(o)
-            parts.append((grid, part))
-        dv = torch.empty(m, e, dtype=torch.float32, device=x.device)
-        _smm_dv_rows[(triton.cdiv(m, bm), triton.cdiv(e, be))](
-            x, y, dv, scale, b if b is not None else lse, lse, g, n, m, d, e, x.stride(0),
-            y.stride(0), dv.stride(0), g.stride(0), HAS_BIAS=b is not None, BLOCK_E=be, **kw)
-        grid_x, part_x = parts[0]
-        grid_y, part_y = parts[1]
-        dscale = part_x.double().sum().float()
-        dbias = part_y[grid_y:].clone() if b is not None else None
-        return grads[0], grads[1], dv, dscale, dbias
+        dx, dy, dv, dscale, dbias = OPS["softmax_matmul_bwd"](x, y, v, scale, bias, out, lse,
+                                                              g_out)
+        return dx, dy, dv, dscale, (dbias if bias is not None else None)
+
+    def topk(self, x, y, k, exclude_diagonal):
+        # values are made differentiable by fused.py (_GatheredDots), not by this op
+        return tuple(OPS["topk"](x.detach(), y.detach(), k, exclude_diagonal))
 
 
 TRITON = register_fused_backend(
