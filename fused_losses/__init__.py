@@ -27,8 +27,10 @@ from .modules import (
     SigLipLoss,
     SinkhornLoss,
     SupConLoss,
+    SwAVLoss,
 )
 from .ot import sinkhorn, sinkhorn_knopp, sinkhorn_potentials, transport_apply
+from .swav import swav_loss
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "sinkhorn_potentials",
     "transport_apply",
     "sinkhorn_knopp",
+    "swav_loss",
     "InfoNCELoss",
     "ClipLoss",
     "NTXentLoss",
@@ -56,4 +59,5 @@ __all__ = [
     "SigLipLoss",
     "MultiSimilarityLoss",
     "SinkhornLoss",
+    "SwAVLoss",
 ]

@@ -268,3 +268,31 @@ class SinkhornLoss(nn.Module):
         from .ot import sinkhorn
 
         return sinkhorn(x, y, a=a, b=b, **self.kwargs)
+
+
+class SwAVLoss(nn.Module):
+    """SwAV's swapped-prediction loss, streamed (``fused_losses.swav_loss``).
+
+    ``forward(embeddings, prototypes, queue=None)``: ``embeddings`` the ``n_crops`` crops stacked
+    ``(n_crops·B, D)``, ``prototypes`` ``(K, D)`` (e.g. a prototype layer's weight)."""
+
+    def __init__(
+        self,
+        *,
+        n_crops: int = 2,
+        crops_for_assign=(0, 1),
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        n_iters: int = 3,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.kwargs = dict(n_crops=n_crops, crops_for_assign=tuple(crops_for_assign),
+                           temperature=temperature, epsilon=epsilon, n_iters=n_iters,
+                           reduction=reduction, backend=backend)
+
+    def forward(self, embeddings, prototypes, queue=None):
+        from .swav import swav_loss
+
+        return swav_loss(embeddings, prototypes, queue=queue, **self.kwargs)

@@ -428,13 +428,29 @@ def sinkhorn_knopp(
                 u = u - torch.logsumexp(logq + u[None, :] + v[:, None], dim=0) - math.log(k)
                 v = v - torch.logsumexp(logq + u[None, :] + v[:, None], dim=1) - math.log(n)
             return torch.exp(logq + u[None, :] + v[:, None] + math.log(n))
-        lse = resolve("pairwise_logsumexp", backend, (z, prototypes))
-        acc = acc_dtype(z.dtype)
-        n, k = z.shape[0], prototypes.shape[0]
-        u = torch.zeros(k, dtype=acc, device=z.device)
-        v = (-torch.logsumexp(lse(z, prototypes, 1.0 / eps, u, False), 0)).expand(n).clone()
-        for _ in range(n_iters):  # u_k ← u_k − LSE_n(s/ε + u_k + v_n), u_k cancels
-            u = -lse(prototypes, z, 1.0 / eps, v, False) - math.log(k)
-            v = -lse(z, prototypes, 1.0 / eps, u, False) - math.log(n)
+        u, v, _ = knopp_potentials(z, prototypes, eps, n_iters, backend)
+        acc = u.dtype
+        n = z.shape[0]
         logq = (z.to(acc) @ prototypes.to(acc).T) / eps
         return torch.exp(logq + u[None, :] + v[:, None] + math.log(n))
+
+
+def knopp_potentials(z, prototypes, eps: float, n_iters: int, backend: str):
+    """Streamed Sinkhorn-Knopp potentials of the scores ``s = z·prototypesᵀ`` (never formed).
+
+    Returns ``(u, v, row_lse)`` with ``log Q_nk = s_nk/ε + u_k + v_n + log N`` the codes of
+    :func:`sinkhorn_knopp` (K prototype potentials u, N sample potentials v) and
+    ``row_lse_n = LSE_k(s_nk/ε + u_k)`` at the final u, so the code rows sum to
+    ``exp(v_n + log N + row_lse_n)`` (exactly 1 after at least one iteration).  No gradient.
+    """
+    lse = resolve("pairwise_logsumexp", backend, (z, prototypes))
+    n, k = z.shape[0], prototypes.shape[0]
+    with torch.no_grad():
+        u = torch.zeros(k, dtype=acc_dtype(z.dtype), device=z.device)
+        row_lse = lse(z, prototypes, 1.0 / eps, u, False)
+        v = (-torch.logsumexp(row_lse, 0)).expand(n).clone()
+        for _ in range(n_iters):  # u_k ← u_k − LSE_n(s/ε + u_k + v_n), u_k cancels
+            u = -lse(prototypes, z, 1.0 / eps, v, False) - math.log(k)
+            row_lse = lse(z, prototypes, 1.0 / eps, u, False)
+            v = -row_lse - math.log(n)
+    return u, v, row_lse

@@ -36,6 +36,8 @@ def run(x, y, labels):
         return FL.siglip_loss(x, y, 10.0, -10.0, backend=backend)
     if op == "ms":
         return FL.multi_similarity(x, labels, backend=backend)
+    if op == "swav":  # 2 crops of N/2 rows against N prototypes: B×K = N²/2 scores per crop
+        return FL.swav_loss(x, y, backend=backend)
     return FL.sinkhorn(x, y, n_iters=2, backend=backend)
 small = [t[:64].detach().requires_grad_() for t in (x, y)]
 run(small[0], small[1], labels[:64]).backward()  # warm-up: libraries, thread pools
@@ -53,7 +55,7 @@ def _extra_bytes(op: str, backend: str, n: int = N, d: int = D) -> int:
 
 
 OPS = {"clip": "info_nce", "supcon": "info_nce", "siglip": "siglip", "ms": "multi_similarity",
-       "sinkhorn": "ot_softmin"}
+       "sinkhorn": "ot_softmin", "swav": "pairwise_softmax_matmul"}
 
 
 @pytest.mark.parametrize("op", list(OPS))
