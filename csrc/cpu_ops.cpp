@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -759,8 +760,26 @@ std::vector<Tensor> softmax_matmul_bwd(Tensor x, Tensor y, Tensor v, Tensor scal
 }
 
 // --------------------------------------------------------------------------------- top-k
-// Per row, a running list of the k best (value, column) merged with each tile row by a partial
-// sort; order: larger value first, ties to the smaller column.
+// Work items are (row block, column chunk) pairs, so a few query rows against millions of keys
+// still use every thread.  Each item keeps, per row, the k best (value, column) of its chunk:
+// after the first k, a score enters only if it beats the current k-th (columns grow within a
+// chunk, so an equal score never does), which makes the scan a compare per score.  Lists are
+// merged per row at the end.  Order: larger first, ties to the smaller column, NaN largest
+// (torch.topk's order).
+
+template <typename T>
+struct TopkEntry {
+  T value;
+  int64_t col;
+};
+
+template <typename T>
+bool topk_better(const TopkEntry<T>& a, const TopkEntry<T>& b) {
+  const bool an = std::isnan(a.value), bn = std::isnan(b.value);
+  if (an != bn) return an;
+  if (!an && a.value != b.value) return a.value > b.value;
+  return a.col < b.col;
+}
 
 std::vector<Tensor> topk(Tensor x, Tensor y, int64_t k, bool exclude_diagonal) {
   x = x.detach();
@@ -769,38 +788,72 @@ std::vector<Tensor> topk(Tensor x, Tensor y, int64_t k, bool exclude_diagonal) {
   TORCH_CHECK(k >= 1 && k <= y.size(0), "k out of range");
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "topk", [&] {
     using T = scalar_t;
-    const int64_t n = x.size(0);
+    using Entry = TopkEntry<T>;
+    const int64_t n = x.size(0), m = y.size(0);
+    const int64_t row_blocks = num_blocks(n, kRowBlock), col_tiles = num_blocks(m, kColBlock);
+    const int64_t want_items = 4 * static_cast<int64_t>(at::get_num_threads());
+    const int64_t chunks = std::clamp<int64_t>(num_blocks(want_items, row_blocks), 1, col_tiles);
+    const int64_t tiles_per_chunk = num_blocks(col_tiles, chunks);
+    // best[item][row in block]: the chunk's k best of that row, sorted once the list is full.
+    std::vector<std::vector<std::vector<Entry>>> best(row_blocks * chunks);
+    at::parallel_for(0, row_blocks * chunks, 1, [&](int64_t lo, int64_t hi) {
+      Tensor buf = at::empty({kRowBlock, kColBlock}, x.options());
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t blk = item / chunks, chunk = item % chunks;
+        const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, n - r0);
+        const int64_t t_end = std::min(col_tiles, (chunk + 1) * tiles_per_chunk);
+        auto& lists = best[item];
+        lists.resize(rows);
+        for (int64_t t = chunk * tiles_per_chunk; t < t_end; ++t) {
+          const int64_t c0 = t * kColBlock, cols = std::min(kColBlock, m - c0);
+          Tensor st = sim_tile(x, y, r0, rows, c0, cols, buf);
+          const T* s = st.data_ptr<T>();
+          const int64_t ld = st.stride(0);
+          for (int64_t i = 0; i < rows; ++i) {
+            std::vector<Entry>& b = lists[i];
+            const T* row = s + i * ld;
+            const bool full = static_cast<int64_t>(b.size()) >= k;
+            const T thr = full ? b[k - 1].value : T(0);
+            const bool thr_nan = full && std::isnan(thr);
+            const int64_t diag = exclude_diagonal ? r0 + i - c0 : -1;
+            for (int64_t j = 0; j < cols; ++j) {
+              const T v = row[j];
+              // Full list: only a larger score, or a NaN over a non-NaN k-th, can enter.
+              if (full && !(v > thr || (std::isnan(v) && !thr_nan))) continue;
+              if (j == diag) continue;
+              b.push_back({v, c0 + j});
+            }
+            const int64_t size = static_cast<int64_t>(b.size());
+            if (size > k || (!full && size == k)) {  // keep the k best, sorted
+              std::partial_sort(b.begin(), b.begin() + k, b.end(), topk_better<T>);
+              b.resize(k);
+            }
+          }
+        }
+      }
+    });
     Tensor values = at::empty({n, k}, x.options());
     Tensor indices = at::empty({n, k}, x.options().dtype(at::kLong));
     T* vp = values.data_ptr<T>();
     int64_t* ip = indices.data_ptr<int64_t>();
-    using Entry = std::pair<T, int64_t>;
-    auto better = [](const Entry& a, const Entry& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    std::vector<std::vector<Entry>> best(n);
-    for_each_tile<T>(x, y, [&](int, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-                               const T* s, int64_t ld) {
-      for (int64_t i = 0; i < rows; ++i) {
-        std::vector<Entry>& b = best[r0 + i];
-        for (int64_t j = 0; j < cols; ++j) {
-          if (exclude_diagonal && c0 + j == r0 + i) continue;
-          b.emplace_back(s[i * ld + j], c0 + j);
+    at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
+      std::vector<Entry> merged;
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t blk = r / kRowBlock, i = r - blk * kRowBlock;
+        merged.clear();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const auto& lists = best[blk * chunks + c];
+          if (i < static_cast<int64_t>(lists.size()))
+            merged.insert(merged.end(), lists[i].begin(), lists[i].end());
         }
-        if (static_cast<int64_t>(b.size()) > k) {
-          std::partial_sort(b.begin(), b.begin() + k, b.end(), better);
-          b.resize(k);
+        TORCH_CHECK(static_cast<int64_t>(merged.size()) >= k, "topk: fewer than k candidates");
+        std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), topk_better<T>);
+        for (int64_t t = 0; t < k; ++t) {
+          vp[r * k + t] = merged[t].value;
+          ip[r * k + t] = merged[t].col;
         }
       }
     });
-    for (int64_t i = 0; i < n; ++i) {
-      std::vector<Entry>& b = best[i];
-      std::sort(b.begin(), b.end(), better);
-      for (int64_t t = 0; t < k; ++t) {
-        vp[i * k + t] = b[t].first;
-        ip[i * k + t] = b[t].second;
-      }
-    }
     return std::vector<Tensor>{values, indices};
   });
 }

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_rel, randn, seeded
+from helpers import HAS_CUDA, assert_rel, randn, seeded
 
 import fused_losses as FL
 from fused_losses import _dispatch
@@ -178,6 +178,40 @@ def test_similarity_topk_large_k(backend, device):
     ref = torch.sort(s, dim=1, descending=True, stable=True)
     assert_rel(vals.double().cpu(), ref.values[:, :200], 1e-6, "values")
     assert_rel(s.gather(1, idx.cpu()), ref.values[:, :200], 1e-6, "indices select the values")
+
+
+@pytest.mark.requires_op("similarity_topk")
+def test_similarity_topk_exact_ties_across_many_key_tiles(backend, device):
+    """Integer scores (exact in fp32) with hundreds of ties spread over many key tiles (the cpu
+    backend splits the keys into chunks scanned in parallel): the indices must be exactly a
+    stable descending sort's (ties to the smaller key index)."""
+    gen = seeded()
+    interpreted = backend == "triton" and not HAS_CUDA
+    n, m = 3, (300 if interpreted else 2100)  # cpu: 5 key tiles of 512, scanned as 5 chunks
+    x = torch.randint(-2, 3, (n, 2), generator=gen).float()
+    y = torch.randint(-3, 4, (m, 2), generator=gen).float()
+    s = x.double() @ y.double().T
+    ref = torch.sort(s, dim=1, descending=True, stable=True)
+    for k in (1, 7, 300):
+        vals, idx = FL.similarity_topk(x.to(device), y.to(device), k, backend=backend)
+        assert idx.cpu().tolist() == ref.indices[:, :k].tolist(), f"k={k}"
+        assert vals.double().cpu().tolist() == ref.values[:, :k].tolist(), f"k={k}"
+
+
+@pytest.mark.requires_op("similarity_topk")
+def test_similarity_topk_nan_ranks_first_like_torch_topk(backend, device):
+    """A NaN key gives NaN scores; torch.topk ranks NaN above every number, and so do we."""
+    gen = seeded()
+    x = randn(4, 3, gen=gen)
+    y = randn(700, 3, gen=gen)  # cpu: the NaN key is in the second of two key chunks
+    y[600, 1] = float("nan")
+    vals, idx = FL.similarity_topk(x.to(device), y.to(device), 5, backend=backend)
+    assert (idx[:, 0].cpu() == 600).all()
+    assert torch.isnan(vals[:, 0]).all() and not torch.isnan(vals[:, 1:]).any()
+    s = x.double() @ y.double().T
+    s[:, 600] = float("-inf")
+    ref = torch.sort(s, dim=1, descending=True, stable=True)
+    assert idx[:, 1:].cpu().tolist() == ref.indices[:, :4].tolist()
 
 
 # ---------------------------------------------------------------- pytorch-metric-learning
