@@ -180,8 +180,10 @@ def _dense_bytes(copies: float):
 
 
 def _streamed_bytes(rows: int, cols: int, d: int) -> float:
-    """A fused/streamed implementation: O((rows + cols)·D) plus its tile buffers."""
-    return 16.0 * (rows + cols) * d * 4 + 64e6
+    """A fused/streamed implementation: O((rows + cols)·D) plus its tile buffers (measured:
+    the cpu backend's top-k at 256 × 1,048,576, D=128, peaked at 1.0 copy of the keys beyond
+    the inputs and their gradients; 4 copies leaves room)."""
+    return 4.0 * (rows + cols) * d * 4 + 64e6
 
 
 def _open_clip_clip(inp: Inputs):
@@ -827,7 +829,8 @@ def _short_status(status: str) -> str:
 
 def results_markdown(folder: str) -> str:
     """The README's results section: every run saved under ``folder`` (recursively), grouped by
-    machine; per (op, pass, dtype, D) one table of N × backend (newest measurement wins)."""
+    machine; per (op, pass, dtype, D, fixed --M) one table of N × backend (newest measurement
+    wins)."""
     cells: dict[tuple, dict] = {}  # (machine, case, backend, N) -> newest row
     machines: dict[str, dict] = {}
     missing: dict[str, set] = {}
@@ -842,6 +845,7 @@ def results_markdown(folder: str) -> str:
             continue
         info = data["machine"]
         device = data.get("args", {}).get("device", "cpu")
+        fixed_m = data.get("args", {}).get("M")  # None: M = N
         label = machine_label(info, device)
         m = machines.setdefault(label, {"device": device, "torch": set(), "dates": set(),
                                         "peaks": {}})
@@ -849,7 +853,7 @@ def results_markdown(folder: str) -> str:
         m["dates"].add(str(info.get("date", "?"))[:10])
         m["peaks"].update(info.get("peaks", {}))
         for plot in data.get("plots", []):
-            key = (label, (plot["op"], plot["pass"], plot["dtype"], plot["D"]))
+            key = (label, (plot["op"], plot["pass"], plot["dtype"], plot["D"], fixed_m))
             if key not in plots or str(info.get("date")) >= plots[key][0]:
                 file = os.path.join(os.path.dirname(path), plot["file"]).replace(os.sep, "/")
                 plots[key] = (str(info.get("date")), file)
@@ -857,7 +861,7 @@ def results_markdown(folder: str) -> str:
             if r.get("N") is None:
                 missing.setdefault(label, set()).add(f"{r['backend']} ({r['op']}: {r['status']})")
                 continue
-            case = (r["op"], r.get("pass", "full"), r["dtype"], r["D"])
+            case = (r["op"], r.get("pass", "full"), r["dtype"], r["D"], fixed_m)
             key = (label, case, r["backend"], r["N"])
             if key not in cells or str(info.get("date")) >= cells[key]["date"]:
                 cells[key] = r | {"date": str(info.get("date"))}
@@ -874,13 +878,14 @@ def results_markdown(folder: str) -> str:
                    f"{', '.join(sorted(m['dates']))}" + (f"; measured peak: {peaks}" if peaks
                                                          else "") + ".")
         cases = sorted({k[1] for k in cells if k[0] == label}, key=lambda c: (OPS.index(c[0])
-                       if c[0] in OPS else 99, c[1:]))
+                       if c[0] in OPS else 99, c[1:4], c[4] or 0))
         for case in cases:
-            op, pass_, dtype, d = case
+            op, pass_, dtype, d, fixed_m = case
             keys = [k for k in cells if k[0] == label and k[1] == case]
             backends = list(dict.fromkeys(k[2] for k in keys))
             sizes = sorted({k[3] for k in keys})
-            out.append(f"\n**{op}** ({OP_SETTINGS.get(op, '')}), {pass_}, {dtype}, D={d}\n")
+            keys_m = "" if fixed_m is None else f", M={fixed_m:,} keys"
+            out.append(f"\n**{op}** ({OP_SETTINGS.get(op, '')}), {pass_}, {dtype}, D={d}{keys_m}\n")
             out.append("| N | " + " | ".join(f"`{b}`" for b in backends) + " |")
             out.append("|---:|" + "---|" * len(backends))
             for n in sizes:
@@ -898,7 +903,8 @@ def results_markdown(folder: str) -> str:
                 if (op, b) in PEERS:
                     out.append(f"\n`{b}`: {PEERS[op, b].note}.")
             if (label, case) in plots:
-                out.append(f"\n![{op} {pass_} {dtype} D={d} on {label}]({plots[label, case][1]})")
+                out.append(f"\n![{op} {pass_} {dtype} D={d}{keys_m} on {label}]"
+                           f"({plots[label, case][1]})")
         if missing.get(label):
             out.append("\nNot run on this machine: " + "; ".join(sorted(missing[label])) + ".")
     return "\n".join(out)
