@@ -146,6 +146,21 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _contrastive_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
+                          lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED: tl.constexpr,
+                          HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr, EXCL: tl.constexpr,
+                          DECOUPLED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr):
+        """One contrastive tile: (s, z = scale·s, pos, cand), the masks limited to in-bounds
+        pairs; every contrastive pass starts here, so all compute s_ij identically."""
+        s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
+                          TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
+        pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED,
+                               HAS_LABELS, NO_POS, EXCL, DECOUPLED)
+        inb = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+        return s, s * scale, pos & inb, cand & inb
+
+    @triton.jit
     def _acc_rows_times(acc, w, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO: tl.constexpr,
                         ALLOW_TF32: tl.constexpr):
         """acc + w · B[cols, d0 : d0 + BLOCK_DO]: the product step of every gradient kernel
@@ -185,14 +200,10 @@ if triton is not None:
         nan = tl.zeros((BLOCK_M,), tl.float32)
         for c0 in range(0, n_b, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
-                              TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-            z = s * scale
-            pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED,
-                                   HAS_LABELS, NO_POS, EXCL, DECOUPLED)
-            inb = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-            pos = pos & inb
-            cand = cand & inb
+            s, z, pos, cand = _contrastive_tile(
+                a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
+                lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+                BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
             zb = z
             if HAS_BIAS:
                 zb = z + tl.load(bias_ptr + cols, mask=cols < n_b, other=0.0)[None, :]
@@ -246,14 +257,10 @@ if triton is not None:
         for c0 in range(0, n_b, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             cmask = cols < n_b
-            s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
-                              TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-            z = s * scale
-            pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED,
-                                   HAS_LABELS, NO_POS, EXCL, DECOUPLED)
-            inb = rmask[:, None] & cmask[None, :]
-            cand = cand & inb
-            pos = pos & inb
+            s, z, pos, cand = _contrastive_tile(
+                a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
+                lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+                BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
             za = z
             if HAS_BIAS_C:
                 za = z + tl.load(biasc_ptr + cols, mask=cmask, other=0.0)[None, :]
@@ -308,15 +315,10 @@ if triton is not None:
         nan = tl.zeros((BLOCK_M,), tl.float32)
         for c0 in range(0, m, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            cmask = cols < m
-            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
-                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-            z = s * scale
-            pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, False,
-                                   HAS_LABELS, NO_POS, EXCL, DECOUPLED)
-            inb = rmask[:, None] & cmask[None, :]
-            pos = pos & inb
-            cand = cand & inb
+            s, z, pos, cand = _contrastive_tile(
+                x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, scale,
+                lab_ptr, klab_ptr, n_keys, offset, False, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+                BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
             zc = tl.where(cand, z, float("-inf"))
             nan = tl.maximum(nan, tl.max(tl.where(zc != zc, 1.0, 0.0), 1))
             m_new = tl.maximum(m_i, tl.max(zc, axis=1))
@@ -370,14 +372,10 @@ if triton is not None:
         for c0 in range(0, m, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             cmask = cols < m
-            s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
-                              BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-            z = s * scale
-            pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, False,
-                                   HAS_LABELS, NO_POS, EXCL, DECOUPLED)
-            inb = rmask[:, None] & cmask[None, :]
-            cand = cand & inb
-            pos = pos & inb
+            s, z, pos, cand = _contrastive_tile(
+                x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, scale,
+                lab_ptr, klab_ptr, n_keys, offset, False, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+                BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
             za = z
             if HAS_BIAS:
                 za = z + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
