@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import supports
 
 import fused_losses as FL
@@ -73,3 +74,29 @@ def test_reference_control_does_hold_nxn():
     """The measurement can fail: the reference (which materializes) exceeds one N×N."""
     extra = _extra_bytes("clip", "reference", n=4096)
     assert extra > 4096 * 4096 * 4, f"reference grew by only {extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+def test_gpu_clip_extra_memory_is_o_nd(gpu_backend):
+    backend = gpu_backend
+    """Issue 3's bound: clip_loss fwd+bwd at N=65536, D=512, bf16 allocates < 64 MiB beyond the
+    inputs and their gradients (one N×N fp32 matrix would be 16 GiB).  Allocator peak, measured
+    on the second call (the first one autotunes and compiles)."""
+    if backend not in FL.available_backends():
+        pytest.skip(f"{backend}: {FL.get_backend(backend).availability()}")
+    n, d = 65536, 512
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", generator=gen).bfloat16().requires_grad_()
+    y = torch.randn(n, d, device="cuda", generator=gen).bfloat16().requires_grad_()
+    FL.clip_loss(x, y, 14.0, backend=backend).backward()
+    x.grad = y.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    FL.clip_loss(x, y, 14.0, backend=backend).backward()
+    torch.cuda.synchronize()
+    grads = x.grad.numel() * x.grad.element_size() + y.grad.numel() * y.grad.element_size()
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    assert extra < 64 * 2**20, f"{backend}: {extra / 2**20:.0f} MiB beyond inputs and grads"
