@@ -60,6 +60,13 @@ void check_pair(const Tensor& x, const Tensor& y) {
   dtype_of(x);
 }
 
+// The kernels' x and y: detached (the ops compute gradients explicitly), then checked.
+void detach_pair(Tensor& x, Tensor& y) {
+  x = x.detach();
+  y = y.detach();
+  check_pair(x, y);
+}
+
 // A vector read through a raw pointer must have exactly the length the kernels index.
 void check_vector(const Tensor& t, const Tensor& like, int64_t len, at::ScalarType dtype,
                   const char* name) {
@@ -111,9 +118,7 @@ std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<T
                                     optional<Tensor> labels, optional<Tensor> key_labels,
                                     int64_t n_keys, int64_t offset, bool exclude_diagonal,
                                     bool decoupled, bool no_positives, bool want_cols) {
-  x = x.detach();
-  y = y.detach();
-  check_pair(x, y);
+  detach_pair(x, y);
   const c10::DeviceGuard guard(x.device());
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   TORCH_CHECK(!(want_cols && bias.has_value()), "bias must be None with want_cols");
@@ -144,9 +149,7 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
                                     bool decoupled, bool no_positives, Tensor row_lse,
                                     Tensor g_row, Tensor g_rowpos, optional<Tensor> col_lse,
                                     optional<Tensor> g_col, optional<Tensor> g_colpos) {
-  x = x.detach();
-  y = y.detach();
-  check_pair(x, y);
+  detach_pair(x, y);
   const c10::DeviceGuard guard(x.device());
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   const auto mask = make_mask(x, y, labels, key_labels, n_keys, offset, exclude_diagonal,
@@ -166,17 +169,14 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
   Tensor dx = at::zeros({n, d}, f32(x)), dy = at::zeros({m, d}, f32(x));
   Tensor parts = at::zeros({flcuda::pass_blocks(n)}, x.options().dtype(at::kDouble));
   Tensor dbias = b ? at::zeros({m}, f32(x)) : Tensor();
-  check_ok(flcuda::contrastive_grad(dtype_of(x), x.data_ptr(), y.data_ptr(), n, m, d, sc, b, mask,
-                                    false, row_lse.data_ptr<float>(), g_row.data_ptr<float>(),
-                                    g_rowpos.data_ptr<float>(), cl, gc, gcp,
-                                    dx.data_ptr<float>(), parts.data_ptr<double>(), nullptr, st),
-           "contrastive_bwd (dx)");
-  check_ok(flcuda::contrastive_grad(dtype_of(x), x.data_ptr(), y.data_ptr(), n, m, d, sc, b, mask,
-                                    true, row_lse.data_ptr<float>(), g_row.data_ptr<float>(),
-                                    g_rowpos.data_ptr<float>(), cl, gc, gcp,
-                                    dy.data_ptr<float>(), nullptr,
-                                    b ? dbias.data_ptr<float>() : nullptr, st),
-           "contrastive_bwd (dy)");
+  for (const bool cols : {false, true})
+    check_ok(flcuda::contrastive_grad(dtype_of(x), x.data_ptr(), y.data_ptr(), n, m, d, sc, b,
+                                      mask, cols, row_lse.data_ptr<float>(),
+                                      g_row.data_ptr<float>(), g_rowpos.data_ptr<float>(), cl, gc,
+                                      gcp, (cols ? dy : dx).data_ptr<float>(),
+                                      cols ? nullptr : parts.data_ptr<double>(),
+                                      (cols && b) ? dbias.data_ptr<float>() : nullptr, st),
+             cols ? "contrastive_bwd (dy)" : "contrastive_bwd (dx)");
   std::vector<Tensor> out{dx, dy, parts.sum().to(at::kFloat)};  // fp64 sum of fp64 partials
   if (b) out.push_back(dbias);
   return out;
@@ -200,11 +200,19 @@ flcuda::MsArgs ms_args(const Tensor& x, const Tensor& y, const Tensor& labels,
   return a;
 }
 
+// min_pos / max_neg of ms_mine: required (length N) with epsilon, ignored (null) without.
+void mining_bounds(const flcuda::MsArgs& a, const optional<Tensor>& min_pos,
+                   const optional<Tensor>& max_neg, const Tensor& x, const float*& mp,
+                   const float*& mn) {
+  TORCH_CHECK(!a.mining || (min_pos.has_value() && max_neg.has_value()),
+              "min_pos and max_neg are required with epsilon");
+  mp = a.mining ? opt_vec(min_pos, x, x.size(0), "min_pos") : nullptr;
+  mn = a.mining ? opt_vec(max_neg, x, x.size(0), "max_neg") : nullptr;
+}
+
 std::vector<Tensor> ms_mine(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int64_t offset,
                             bool exclude_self) {
-  x = x.detach();
-  y = y.detach();
-  check_pair(x, y);
+  detach_pair(x, y);
   const c10::DeviceGuard guard(x.device());
   const auto a = ms_args(x, y, labels, ref_labels, offset, exclude_self, 2.0, 50.0, 0.5, 0.0);
   Tensor lo = at::empty({x.size(0)}, f32(x)), hi = at::empty({x.size(0)}, f32(x));
@@ -219,17 +227,13 @@ std::vector<Tensor> ms_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
                            bool exclude_self, double alpha, double beta, double base,
                            optional<double> epsilon, optional<Tensor> min_pos,
                            optional<Tensor> max_neg) {
-  x = x.detach();
-  y = y.detach();
-  check_pair(x, y);
+  detach_pair(x, y);
   const c10::DeviceGuard guard(x.device());
   const int64_t n = x.size(0);
   const auto a = ms_args(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base,
                          epsilon);
-  TORCH_CHECK(!a.mining || (min_pos.has_value() && max_neg.has_value()),
-              "min_pos and max_neg are required with epsilon");
-  const float* mp = a.mining ? opt_vec(min_pos, x, n, "min_pos") : nullptr;
-  const float* mn = a.mining ? opt_vec(max_neg, x, n, "max_neg") : nullptr;
+  const float *mp, *mn;
+  mining_bounds(a, min_pos, max_neg, x, mp, mn);
   Tensor pl = at::empty({n}, f32(x)), nl = at::empty({n}, f32(x));
   check_ok(flcuda::ms_fwd(dtype_of(x), x.data_ptr(), y.data_ptr(), n, y.size(0), x.size(1), a, mp,
                           mn, pl.data_ptr<float>(), nl.data_ptr<float>(), current_stream(x)),
@@ -242,17 +246,13 @@ std::vector<Tensor> ms_bwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
                            optional<double> epsilon, optional<Tensor> min_pos,
                            optional<Tensor> max_neg, Tensor pos_lse, Tensor neg_lse,
                            Tensor g) {
-  x = x.detach();
-  y = y.detach();
-  check_pair(x, y);
+  detach_pair(x, y);
   const c10::DeviceGuard guard(x.device());
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   const auto a = ms_args(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base,
                          epsilon);
-  TORCH_CHECK(!a.mining || (min_pos.has_value() && max_neg.has_value()),
-              "min_pos and max_neg are required with epsilon");
-  const float* mp = a.mining ? opt_vec(min_pos, x, n, "min_pos") : nullptr;
-  const float* mn = a.mining ? opt_vec(max_neg, x, n, "max_neg") : nullptr;
+  const float *mp, *mn;
+  mining_bounds(a, min_pos, max_neg, x, mp, mn);
   check_vector(pos_lse, x, n, at::kFloat, "pos_lse");
   check_vector(neg_lse, x, n, at::kFloat, "neg_lse");
   check_vector(g, x, n, at::kFloat, "g");
@@ -269,10 +269,8 @@ std::vector<Tensor> ms_bwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels,
 
 std::vector<Tensor> softmax_matmul_fwd(Tensor x, Tensor y, Tensor v, Tensor scale,
                                        optional<Tensor> bias) {
-  x = x.detach();
-  y = y.detach();
+  detach_pair(x, y);
   v = v.detach();
-  check_pair(x, y);
   const c10::DeviceGuard guard(x.device());
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   TORCH_CHECK(v.device() == x.device() && v.dim() == 2 && v.size(0) == m &&
@@ -302,10 +300,8 @@ std::vector<Tensor> softmax_matmul_fwd(Tensor x, Tensor y, Tensor v, Tensor scal
 std::vector<Tensor> softmax_matmul_bwd(Tensor x, Tensor y, Tensor v, Tensor scale,
                                        optional<Tensor> bias, Tensor out, Tensor lse,
                                        Tensor g_out) {
-  x = x.detach();
-  y = y.detach();
+  detach_pair(x, y);
   v = v.detach();
-  check_pair(x, y);
   const c10::DeviceGuard guard(x.device());
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   TORCH_CHECK(v.device() == x.device() && v.dim() == 2 && v.size(0) == m,

@@ -13,12 +13,10 @@ namespace flcuda {
 namespace {
 
 template <typename T>
-struct ContrastiveParams {
-  Operand<T> x, y;
+struct ContrastiveParams : PassParams<T> {
   const float* scale;
   const float* bias;
   PairMaskArgs mask;
-  int64_t n_own, n_stream;
   float *lse, *pos_sum, *pos_cnt;
   const float *row_lse, *g_row, *g_rowpos, *col_lse, *g_col, *g_colpos;
   float* grad;
@@ -40,30 +38,27 @@ template <typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) contrastive_lse_kernel(ContrastiveParams<T> p) {
   FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
-  const int line = line_of_thread(), q = quad_lane();
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t own = own0 + line;
-  const bool own_ok = own < p.n_own;
+  const OwnedLine o(p.n_own);
   const float scale = *p.scale;
   const bool row_bias = ROWS && p.bias != nullptr;
   Lse run = Lse::empty();
   float psum = 0.f, pcnt = 0.f;
   for (int64_t t0 = 0; t0 < p.n_stream; t0 += kTile) {
-    sim_tile<T>(p.x, ROWS ? own0 : t0, p.y, ROWS ? t0 : own0, sm.stage, sm.tile0);
+    sim_tile<T>(p.x, ROWS ? o.own0 : t0, p.y, ROWS ? t0 : o.own0, sm.stage, sm.tile0);
     // Sweep 1: max over candidates (NaN-propagating), positive sums; remember the candidates.
     float mx = neg_inf();
     unsigned cand_bits = 0;
 #pragma unroll 4
     for (int t = 0; t < 16; ++t) {
-      const int k = q + 4 * t;
+      const int k = o.q + 4 * t;
       const int64_t other = t0 + k;
-      if (!own_ok || other >= p.n_stream) continue;
-      const int64_t i = ROWS ? own : other, j = ROWS ? other : own;
+      if (!o.ok || other >= p.n_stream) continue;
+      const int64_t i = ROWS ? o.own : other, j = ROWS ? other : o.own;
       int64_t li, lj;
       pair_labels(p.mask, i, j, li, lj);
       bool pos, cand;
       pair_mask(p.mask, i, j, li, lj, pos, cand);
-      const float z = scale * tile_at<ROWS>(sm.tile0, line, k);
+      const float z = scale * tile_at<ROWS>(sm.tile0, o.line, k);
       if (pos) {
         psum += z;
         pcnt += 1.f;
@@ -80,18 +75,18 @@ __global__ void __launch_bounds__(kThreads, 2) contrastive_lse_kernel(Contrastiv
 #pragma unroll 4
     for (int t = 0; t < 16; ++t) {
       if (!((cand_bits >> t) & 1u)) continue;
-      const int k = q + 4 * t;
-      const float z = scale * tile_at<ROWS>(sm.tile0, line, k);
+      const int k = o.q + 4 * t;
+      const float z = scale * tile_at<ROWS>(sm.tile0, o.line, k);
       sum += expf((row_bias ? z + p.bias[t0 + k] : z) - shift);
     }
     run.merge(mx, quad_sum(sum));
   }
   psum = quad_sum(psum);
   pcnt = quad_sum(pcnt);
-  if (own_ok && q == 0) {
-    p.lse[own] = run.value();
-    p.pos_sum[own] = psum;
-    p.pos_cnt[own] = pcnt;
+  if (o.ok && o.q == 0) {
+    p.lse[o.own] = run.value();
+    p.pos_sum[o.own] = psum;
+    p.pos_cnt[o.own] = pcnt;
   }
 }
 
@@ -99,30 +94,25 @@ template <typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) contrastive_grad_kernel(ContrastiveParams<T> p) {
   FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
-  const int line = line_of_thread(), q = quad_lane();
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t own = own0 + line;
-  const bool own_ok = own < p.n_own;
+  const OwnedLine o(p.n_own);
   const float scale = *p.scale;
   const bool has_col = p.col_lse != nullptr;
-  const int64_t d = p.x.cols;
   double dscale = 0.0, dbias = 0.0;
   for (int64_t t0 = 0; t0 < p.n_stream; t0 += kTile) {
-    const int64_t r0 = ROWS ? own0 : t0, c0 = ROWS ? t0 : own0;
-    sim_tile<T>(p.x, r0, p.y, c0, sm.stage, sm.tile0);
+    sim_tile<T>(p.x, ROWS ? o.own0 : t0, p.y, ROWS ? t0 : o.own0, sm.stage, sm.tile0);
     float part = 0.f, bpart = 0.f;
 #pragma unroll 2
     for (int t = 0; t < 16; ++t) {
-      const int k = q + 4 * t;
+      const int k = o.q + 4 * t;
       const int64_t other = t0 + k;
       float w = 0.f;
-      if (own_ok && other < p.n_stream) {
-        const int64_t i = ROWS ? own : other, j = ROWS ? other : own;
+      if (o.ok && other < p.n_stream) {
+        const int64_t i = ROWS ? o.own : other, j = ROWS ? other : o.own;
         int64_t li, lj;
         pair_labels(p.mask, i, j, li, lj);
         bool pos, cand;
         pair_mask(p.mask, i, j, li, lj, pos, cand);
-        const float s = tile_at<ROWS>(sm.tile0, line, k);
+        const float s = tile_at<ROWS>(sm.tile0, o.line, k);
         const float z = scale * s;
         const float zb = p.bias ? z + p.bias[j] : z;
         const bool hc = has_col && j < p.mask.n_keys;
@@ -134,33 +124,21 @@ __global__ void __launch_bounds__(kThreads, 2) contrastive_grad_kernel(Contrasti
         part += dz * s;
         bpart += row_part;
       }
-      tile_at<ROWS>(sm.tile0, line, k) = w;
+      tile_at<ROWS>(sm.tile0, o.line, k) = w;
     }
     dscale += part;
     dbias += bpart;
-    const int64_t n_k = p.n_stream - t0 < kTile ? p.n_stream - t0 : kTile;
-    const int64_t n_out = p.n_own - own0 < kTile ? p.n_own - own0 : kTile;
-    if (ROWS)
-      product<true>(sm.tile0, p.y.p, p.y.ld, c0, n_k, d, p.grad, d, own0, n_out, sm.stage);
-    else
-      product<false>(sm.tile0, p.x.p, p.x.ld, r0, n_k, d, p.grad, d, own0, n_out, sm.stage);
+    grad_product<ROWS>(sm.tile0, p.x, p.y, t0, p.n_stream, p.grad, o.own0, p.n_own, sm.stage);
   }
-  if (ROWS) {
-    const double total = block_sum(dscale, sm.scratch);
-    if (threadIdx.x == 0) p.dscale_part[blockIdx.x] = total;
-  } else {
-    dbias = quad_sum(dbias);
-    if (own_ok && q == 0 && p.dbias) p.dbias[own] = static_cast<float>(dbias);
-  }
+  grad_pass_sums<ROWS>(dscale, dbias, o, p.dscale_part, p.dbias, sm.scratch);
 }
 
 template <typename T>
 ContrastiveParams<T> make_params(const void* x, const void* y, int64_t n, int64_t m, int64_t d,
                                  const float* scale, const float* bias,
-                                 const PairMaskArgs& mask) {
+                                 const PairMaskArgs& mask, bool cols) {
   ContrastiveParams<T> p{};
-  p.x = make_operand<T>(x, n, d, d);
-  p.y = make_operand<T>(y, m, d, d);
+  set_pass(p, x, y, n, m, d, cols);
   p.scale = scale;
   p.bias = bias;
   p.mask = mask;
@@ -178,14 +156,13 @@ cudaError_t contrastive_lse(DType dt, const void* x, const void* y, int64_t n, i
   if (cols && bias) return cudaErrorInvalidValue;
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto p = make_params<T>(x, y, n, m, d, scale, bias, mask);
-    p.n_own = cols ? mask.n_keys : n;
-    p.n_stream = cols ? n : m;
+    auto p = make_params<T>(x, y, n, m, d, scale, bias, mask, cols);
+    if (cols) p.n_own = mask.n_keys;  // the key columns only
     p.lse = lse;
     p.pos_sum = pos_sum;
     p.pos_cnt = pos_cnt;
-    return cols ? launch(contrastive_lse_kernel<T, false>, p.n_own, 1, p, stream)
-                : launch(contrastive_lse_kernel<T, true>, p.n_own, 1, p, stream);
+    return launch(cols ? contrastive_lse_kernel<T, false> : contrastive_lse_kernel<T, true>,
+                  p.n_own, 1, p, stream);
   });
 }
 
@@ -197,9 +174,7 @@ cudaError_t contrastive_grad(DType dt, const void* x, const void* y, int64_t n, 
                              double* dscale_part, float* dbias, cudaStream_t stream) {
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto p = make_params<T>(x, y, n, m, d, scale, bias, mask);
-    p.n_own = cols ? m : n;
-    p.n_stream = cols ? n : m;
+    auto p = make_params<T>(x, y, n, m, d, scale, bias, mask, cols);
     p.row_lse = row_lse;
     p.g_row = g_row;
     p.g_rowpos = g_rowpos;
@@ -209,8 +184,8 @@ cudaError_t contrastive_grad(DType dt, const void* x, const void* y, int64_t n, 
     p.grad = grad;
     p.dscale_part = dscale_part;
     p.dbias = dbias;
-    return cols ? launch(contrastive_grad_kernel<T, false>, p.n_own, 1, p, stream)
-                : launch(contrastive_grad_kernel<T, true>, p.n_own, 1, p, stream);
+    return launch(cols ? contrastive_grad_kernel<T, false> : contrastive_grad_kernel<T, true>,
+                  p.n_own, 1, p, stream);
   });
 }
 

@@ -11,10 +11,8 @@ namespace flcuda {
 namespace {
 
 template <typename T>
-struct MsParams {
-  Operand<T> x, y;
+struct MsParams : PassParams<T> {
   MsArgs a;
-  int64_t n_own, n_stream;
   const float *min_pos_in, *max_neg_in, *pos_lse_in, *neg_lse_in, *g;
   float *min_pos, *max_neg, *pos_lse, *neg_lse;
   float* grad;
@@ -32,28 +30,26 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) ms_mine_kernel(MsParams<T> p) {
   FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
-  const int line = line_of_thread(), q = quad_lane();
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t i = own0 + line;
-  const bool own_ok = i < p.n_own;
+  const OwnedLine o(p.n_own);
+  const int64_t i = o.own;
   float lo = pos_inf(), hi = neg_inf();
   for (int64_t t0 = 0; t0 < p.n_stream; t0 += kTile) {
-    sim_tile<T>(p.x, own0, p.y, t0, sm.stage, sm.tile0);
+    sim_tile<T>(p.x, o.own0, p.y, t0, sm.stage, sm.tile0);
 #pragma unroll 4
     for (int t = 0; t < 16; ++t) {
-      const int k = q + 4 * t;
+      const int k = o.q + 4 * t;
       const int64_t j = t0 + k;
-      if (!own_ok || j >= p.n_stream) continue;
+      if (!o.ok || j >= p.n_stream) continue;
       bool pos, neg;
       ms_classes(p.a, i, j, p.a.labels[i], p.a.ref_labels[j], pos, neg);
-      const float s = tile_at<true>(sm.tile0, line, k);
+      const float s = tile_at<true>(sm.tile0, o.line, k);
       if (pos) lo = nan_min(lo, s);
       if (neg) hi = nan_max(hi, s);
     }
   }
   lo = quad_min(lo);
   hi = quad_max(hi);
-  if (own_ok && q == 0) {
+  if (o.ok && o.q == 0) {
     p.min_pos[i] = lo;
     p.max_neg[i] = hi;
   }
@@ -63,21 +59,19 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) ms_fwd_kernel(MsParams<T> p) {
   FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
-  const int line = line_of_thread(), q = quad_lane();
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t i = own0 + line;
-  const bool own_ok = i < p.n_own;
+  const OwnedLine o(p.n_own);
+  const int64_t i = o.own;
   Lse lp = Lse::seeded_zero(), ln = Lse::seeded_zero();  // log(1 + Σ exp(u))
   for (int64_t t0 = 0; t0 < p.n_stream; t0 += kTile) {
-    sim_tile<T>(p.x, own0, p.y, t0, sm.stage, sm.tile0);
+    sim_tile<T>(p.x, o.own0, p.y, t0, sm.stage, sm.tile0);
     float mp = neg_inf(), mn = neg_inf();
     unsigned pbits = 0, nbits = 0;
 #pragma unroll 4
     for (int t = 0; t < 16; ++t) {
-      const int k = q + 4 * t;
+      const int k = o.q + 4 * t;
       const int64_t j = t0 + k;
-      if (!own_ok || j >= p.n_stream) continue;
-      const float s = tile_at<true>(sm.tile0, line, k);
+      if (!o.ok || j >= p.n_stream) continue;
+      const float s = tile_at<true>(sm.tile0, o.line, k);
       bool kp, kn;
       ms_pair(p.a, p.min_pos_in, p.max_neg_in, i, j, s, kp, kn);
       if (kp) {
@@ -95,14 +89,14 @@ __global__ void __launch_bounds__(kThreads, 2) ms_fwd_kernel(MsParams<T> p) {
     float sum_p = 0.f, sum_n = 0.f;
 #pragma unroll 4
     for (int t = 0; t < 16; ++t) {
-      const float s = tile_at<true>(sm.tile0, line, q + 4 * t);
+      const float s = tile_at<true>(sm.tile0, o.line, o.q + 4 * t);
       if ((pbits >> t) & 1u) sum_p += expf(ms_u_pos(p.a, s) - sp);
       if ((nbits >> t) & 1u) sum_n += expf(ms_u_neg(p.a, s) - sn);
     }
     lp.merge(mp, quad_sum(sum_p));
     ln.merge(mn, quad_sum(sum_n));
   }
-  if (own_ok && q == 0) {
+  if (o.ok && o.q == 0) {
     p.pos_lse[i] = lp.value();
     p.neg_lse[i] = ln.value();
   }
@@ -112,46 +106,36 @@ template <typename T, bool ROWS>
 __global__ void __launch_bounds__(kThreads, 2) ms_grad_kernel(MsParams<T> p) {
   FL_SMEM(smem_raw);
   const Smem sm(smem_raw, 1);
-  const int line = line_of_thread(), q = quad_lane();
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t own = own0 + line;
-  const bool own_ok = own < p.n_own;
-  const int64_t d = p.x.cols;
+  const OwnedLine o(p.n_own);
   for (int64_t t0 = 0; t0 < p.n_stream; t0 += kTile) {
-    const int64_t r0 = ROWS ? own0 : t0, c0 = ROWS ? t0 : own0;
-    sim_tile<T>(p.x, r0, p.y, c0, sm.stage, sm.tile0);
+    sim_tile<T>(p.x, ROWS ? o.own0 : t0, p.y, ROWS ? t0 : o.own0, sm.stage, sm.tile0);
 #pragma unroll 2
     for (int t = 0; t < 16; ++t) {
-      const int k = q + 4 * t;
+      const int k = o.q + 4 * t;
       const int64_t other = t0 + k;
       float w = 0.f;
-      if (own_ok && other < p.n_stream) {
-        const int64_t i = ROWS ? own : other, j = ROWS ? other : own;
-        const float s = tile_at<ROWS>(sm.tile0, line, k);
+      if (o.ok && other < p.n_stream) {
+        const int64_t i = ROWS ? o.own : other, j = ROWS ? other : o.own;
+        const float s = tile_at<ROWS>(sm.tile0, o.line, k);
         bool kp, kn;
         ms_pair(p.a, p.min_pos_in, p.max_neg_in, i, j, s, kp, kn);
         w = ms_grad(p.a, s, kp, kn, p.pos_lse_in[i], p.neg_lse_in[i], p.g[i]);
       }
-      tile_at<ROWS>(sm.tile0, line, k) = w;
+      tile_at<ROWS>(sm.tile0, o.line, k) = w;
     }
-    const int64_t n_k = p.n_stream - t0 < kTile ? p.n_stream - t0 : kTile;
-    const int64_t n_out = p.n_own - own0 < kTile ? p.n_own - own0 : kTile;
-    if (ROWS)
-      product<true>(sm.tile0, p.y.p, p.y.ld, c0, n_k, d, p.grad, d, own0, n_out, sm.stage);
-    else
-      product<false>(sm.tile0, p.x.p, p.x.ld, r0, n_k, d, p.grad, d, own0, n_out, sm.stage);
+    grad_product<ROWS>(sm.tile0, p.x, p.y, t0, p.n_stream, p.grad, o.own0, p.n_own, sm.stage);
   }
 }
 
 template <typename T>
 MsParams<T> make_params(const void* x, const void* y, int64_t n, int64_t m, int64_t d,
-                        const MsArgs& args) {
+                        const MsArgs& args, const float* min_pos, const float* max_neg,
+                        bool cols) {
   MsParams<T> p{};
-  p.x = make_operand<T>(x, n, d, d);
-  p.y = make_operand<T>(y, m, d, d);
+  set_pass(p, x, y, n, m, d, cols);
   p.a = args;
-  p.n_own = n;
-  p.n_stream = m;
+  p.min_pos_in = min_pos;
+  p.max_neg_in = max_neg;
   return p;
 }
 
@@ -161,10 +145,10 @@ cudaError_t ms_mine(DType dt, const void* x, const void* y, int64_t n, int64_t m
                     const MsArgs& args, float* min_pos, float* max_neg, cudaStream_t stream) {
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto p = make_params<T>(x, y, n, m, d, args);
+    auto p = make_params<T>(x, y, n, m, d, args, nullptr, nullptr, false);
     p.min_pos = min_pos;
     p.max_neg = max_neg;
-    return launch(ms_mine_kernel<T>, n, 1, p, stream);
+    return launch(ms_mine_kernel<T>, p.n_own, 1, p, stream);
   });
 }
 
@@ -174,12 +158,10 @@ cudaError_t ms_fwd(DType dt, const void* x, const void* y, int64_t n, int64_t m,
   if (args.mining && (!min_pos || !max_neg)) return cudaErrorInvalidValue;
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto p = make_params<T>(x, y, n, m, d, args);
-    p.min_pos_in = min_pos;
-    p.max_neg_in = max_neg;
+    auto p = make_params<T>(x, y, n, m, d, args, min_pos, max_neg, false);
     p.pos_lse = pos_lse;
     p.neg_lse = neg_lse;
-    return launch(ms_fwd_kernel<T>, n, 1, p, stream);
+    return launch(ms_fwd_kernel<T>, p.n_own, 1, p, stream);
   });
 }
 
@@ -190,19 +172,13 @@ cudaError_t ms_grad(DType dt, const void* x, const void* y, int64_t n, int64_t m
   if (args.mining && (!min_pos || !max_neg)) return cudaErrorInvalidValue;
   return dispatch_dtype(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto p = make_params<T>(x, y, n, m, d, args);
-    p.min_pos_in = min_pos;
-    p.max_neg_in = max_neg;
+    auto p = make_params<T>(x, y, n, m, d, args, min_pos, max_neg, cols);
     p.pos_lse_in = pos_lse;
     p.neg_lse_in = neg_lse;
     p.g = g;
     p.grad = grad;
-    if (cols) {
-      p.n_own = m;
-      p.n_stream = n;
-      return launch(ms_grad_kernel<T, false>, m, 1, p, stream);
-    }
-    return launch(ms_grad_kernel<T, true>, n, 1, p, stream);
+    return launch(cols ? ms_grad_kernel<T, false> : ms_grad_kernel<T, true>, p.n_own, 1, p,
+                  stream);
   });
 }
 

@@ -191,8 +191,8 @@ struct MmaOp<__nv_bfloat16> {
 };
 #endif
 
-template <typename T>
-struct TileAcc {  // bf16 / fp16: tensor cores
+// The 16 fp32 accumulators per thread of either tile path.
+struct AccRegs {
   float c[4][4];
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -200,6 +200,10 @@ struct TileAcc {  // bf16 / fp16: tensor cores
 #pragma unroll
       for (int j = 0; j < 4; ++j) c[i][j] = 0.f;
   }
+};
+
+template <typename T>
+struct TileAcc : AccRegs {  // bf16 / fp16: tensor cores
   __device__ __forceinline__ void step(const T* st) {
     constexpr int LD = Cfg<T>::kLdS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -234,15 +238,9 @@ struct TileAcc {  // bf16 / fp16: tensor cores
   }
 };
 
+// fp32: exact FMA, each thread a 4×4 block (rows ty+16a, cols tx+16b).
 template <>
-struct TileAcc<float> {  // fp32: exact FMA, each thread a 4×4 block (rows ty+16a, cols tx+16b)
-  float c[4][4];
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) c[i][j] = 0.f;
-  }
+struct TileAcc<float> : AccRegs {
   __device__ __forceinline__ void step(const float* st) {
     constexpr int LD = Cfg<float>::kLdS;
     const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
@@ -397,6 +395,53 @@ __device__ void product(const float* w, const TR* r, int64_t ldr, int64_t k0, in
   __syncthreads();
 }
 
+// Valid lines of the 64-line block starting at `start` of n lines: min(n − start, 64).
+__device__ __forceinline__ int64_t block_extent(int64_t n, int64_t start) {
+  return n - start < kTile ? n - start : kTile;
+}
+
+// The lines a CTA owns and this thread's place among them (a quad of 4 threads per line).
+struct OwnedLine {
+  int line, q;        // owned line of the block (0..63), quad lane
+  int64_t own0, own;  // first line of the block, this thread's line
+  bool ok;            // own < n_own
+  __device__ __forceinline__ explicit OwnedLine(int64_t n_own)
+      : line(line_of_thread()),
+        q(quad_lane()),
+        own0(static_cast<int64_t>(blockIdx.x) * kTile),
+        own(own0 + line),
+        ok(own < n_own) {}
+};
+
+// The gradient product of a pass over x (n×d) and y (m×d): grad[owned lines] += W · (the
+// streamed lines t0.. of the other side), i.e. W·Y in a row pass, Wᵀ·X in a column pass.
+template <bool ROWS, typename T>
+__device__ __forceinline__ void grad_product(const float* w, const Operand<T>& x,
+                                             const Operand<T>& y, int64_t t0, int64_t n_stream,
+                                             float* grad, int64_t own0, int64_t n_own,
+                                             unsigned char* stage) {
+  const Operand<T>& r = ROWS ? y : x;
+  const int64_t d = x.cols;
+  product<ROWS>(w, r.p, r.ld, t0, block_extent(n_stream, t0), d, grad, d, own0,
+                block_extent(n_own, own0), stage);
+}
+
+// End of a gradient pass with scale and bias terms: a row pass writes its CTA's fp64 Σ dscale
+// (block_sum order) to dscale_part[blockIdx.x]; a column pass writes its lines' Σ dbias
+// (quad-reduced) to dbias when given.  Called by all threads.
+template <bool ROWS>
+__device__ __forceinline__ void grad_pass_sums(double dscale, double dbias, const OwnedLine& o,
+                                               double* dscale_part, float* dbias_out,
+                                               double* scratch) {
+  if (ROWS) {
+    const double total = block_sum(dscale, scratch);
+    if (threadIdx.x == 0) dscale_part[blockIdx.x] = total;
+  } else {
+    dbias = quad_sum(dbias);
+    if (o.ok && o.q == 0 && dbias_out) dbias_out[o.own] = static_cast<float>(dbias);
+  }
+}
+
 // Shared-memory carve-up of a kernel: stage | tile0 | tile1 | scratch.
 struct Smem {
   unsigned char* stage;
@@ -410,6 +455,24 @@ struct Smem {
     scratch = reinterpret_cast<double*>(base + kStageBytes + tiles * kTileBytes);
   }
 };
+
+// The part of every kernel's parameters that the tile loop reads: the operands x (n×d) and
+// y (m×d) of the similarity tiles, and the extent of the pass: a row pass owns the n rows of x
+// and streams the m rows of y, a column pass the reverse.
+template <typename T>
+struct PassParams {
+  Operand<T> x, y;
+  int64_t n_own, n_stream;
+};
+
+template <typename T>
+inline void set_pass(PassParams<T>& p, const void* x, const void* y, int64_t n, int64_t m,
+                     int64_t d, bool cols) {
+  p.x = make_operand<T>(x, n, d, d);
+  p.y = make_operand<T>(y, m, d, d);
+  p.n_own = cols ? m : n;
+  p.n_stream = cols ? n : m;
+}
 
 inline int64_t num_blocks(int64_t n) { return (n + kTile - 1) / kTile; }
 
