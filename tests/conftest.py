@@ -35,6 +35,8 @@ def pytest_configure(config):
         "markers", "requires_op(*ops): run only for backends that implement these ops")
     config.addinivalue_line("markers", "cpu_device: run only for backends that run on the CPU")
     config.addinivalue_line(
+        "markers", "large_shape: not for the interpreted Triton backend (≈400× slower than eager)")
+    config.addinivalue_line(
         "markers", "requires_dtype(*dtypes): run only for backends that accept these dtypes")
 
 
@@ -65,6 +67,8 @@ def pytest_generate_tests(metafunc):
                  if all(d in _dispatch.get_backend(b).dtypes for d in marker.args)]
     if metafunc.definition.get_closest_marker("cpu_device") is not None:
         names = [b for b in names if device_for(b).type == "cpu"]
+    if metafunc.definition.get_closest_marker("large_shape") is not None:
+        names = [b for b in names if not (b == "triton" and device_for(b).type == "cpu")]
     metafunc.parametrize("backend", names)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HAS_CUDA, assert_rel, randn, seeded, tol_for
+from helpers import assert_rel, randn, seeded, tol_for
 
 import fused_losses as FL
 from fused_losses import _dispatch
@@ -52,8 +52,8 @@ CASES = [
     dict(b=9, k=11, d=8, n_crops=4, assign=(0, 2), queue=6),
     dict(b=13, k=40, d=16, iters=0),
     dict(b=13, k=40, d=16, tau=0.01, eps=0.02),  # logits s/τ up to 100, codes at s/ε up to 50
-    dict(b=1000, k=64, d=16),
 ]
+LARGE_CASES = [dict(b=1000, k=64, d=16)]
 
 
 def _inputs(c, gen):
@@ -73,12 +73,7 @@ def _inputs(c, gen):
     return emb, protos, queue, kw
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.requires_op("pairwise_logsumexp", "pairwise_softmax_matmul")
-def test_matches_swav_value_and_gradients(backend, device, case):
-    c = CASES[case]
-    if c["b"] >= 1000 and backend == "triton" and not HAS_CUDA:
-        pytest.skip("large shape: the Triton interpreter is ≈400× slower than eager; GPU only")
+def _check_against_swav(backend, device, c):
     gen = seeded()
     emb, protos, queue, kw = _inputs(c, gen)
     dtype = torch.float64 if torch.float64 in _dispatch.get_backend(backend).dtypes \
@@ -105,6 +100,19 @@ def test_matches_swav_value_and_gradients(backend, device, case):
                                ("d prototypes", p.grad, p_ref.grad)):
         err = float((ours.double().cpu() - theirs).norm()) / max(float(theirs.norm()), floor)
         assert err <= tol, f"{name} (seed {seed}): relative error {err:.3e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.requires_op("pairwise_logsumexp", "pairwise_softmax_matmul")
+def test_matches_swav_value_and_gradients(backend, device, case):
+    _check_against_swav(backend, device, CASES[case])
+
+
+@pytest.mark.large_shape
+@pytest.mark.parametrize("case", range(len(LARGE_CASES)))
+@pytest.mark.requires_op("pairwise_logsumexp", "pairwise_softmax_matmul")
+def test_matches_swav_large(backend, device, case):
+    _check_against_swav(backend, device, LARGE_CASES[case])
 
 
 @pytest.mark.requires_op("pairwise_logsumexp", "pairwise_softmax_matmul")
