@@ -173,13 +173,16 @@ def _value_and_grads(forward, inputs):
 AGREEMENT_PEERS = [key for key in bench.PEERS if key != ("sinkhorn", "geomloss_online")]
 
 
-@pytest.mark.parametrize("op, peer", AGREEMENT_PEERS, ids=[f"{o}-{p}" for o, p in AGREEMENT_PEERS])
+def _peer_param(op, peer):
+    why = "Inf-CL runs on CUDA only" if peer == "inf_cl" else (
+        f"{peer} not installed" if bench.unavailable_reason(op, peer, "cpu") else None)
+    return pytest.param(op, peer, id=f"{op}-{peer}",
+                        marks=pytest.mark.skipif(why is not None, reason=why or ""))
+
+
+@pytest.mark.parametrize("op, peer", [_peer_param(o, p) for o, p in AGREEMENT_PEERS])
 def test_peer_computes_our_quantity(op, peer):
     """Each peer, with the bench's settings, gives our reference's value and gradients."""
-    if bench.unavailable_reason(op, peer, "cpu"):
-        pytest.skip(f"{peer} not installed")
-    if peer == "inf_cl":
-        pytest.skip("Inf-CL runs on CUDA only")
     inputs = bench.make_inputs(op, 48, None, 8, "float64")
     if op == "sinkhorn":
         # Small clouds (cost/ε ≈ 0.1): POT's un-scaled iterations converge there, as ours do.

@@ -44,12 +44,16 @@ def _cuda_include() -> str | None:
     return None
 
 
+_CXX = shutil.which(os.environ.get("CXX", "g++"))
+_CUDA_INCLUDE = _cuda_include()
+pytestmark = pytest.mark.skipif(
+    _CXX is None or _CUDA_INCLUDE is None,
+    reason="needs a host C++20 compiler and the CUDA toolkit's headers (nvcc)")
+
+
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    inc = _cuda_include()
-    if cxx is None or inc is None:
-        pytest.skip("needs a host C++20 compiler and the CUDA toolkit's headers (nvcc)")
+    cxx, inc = _CXX, _CUDA_INCLUDE
     out = tmp_path_factory.mktemp("cuda_emulation") / "libfl_cuda_emulation.so"
     cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DFL_HOST_EMULATION",
            "-Icsrc", "-isystem", inc, "-x", "c++", *SOURCES, "-x", "none",
