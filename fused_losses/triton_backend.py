@@ -146,6 +146,26 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _online_lse_step(m_i, l_i, nan, zc, keep):
+        """One tile of the row-wise online logsumexp over the kept entries of zc (−inf
+        elsewhere).  tl.max skips NaN, so NaN is tracked apart and propagates instead of a row
+        looking empty; masked entries select 0 (never exp(−inf)·0, never inf·0).  Returns the
+        new (max, sum, nan) and the tile's (rescale of the old sum, probabilities)."""
+        nan = tl.maximum(nan, tl.max(tl.where(zc != zc, 1.0, 0.0), 1))
+        m_new = tl.maximum(m_i, tl.max(zc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_safe))
+        p = tl.where(keep, tl.exp(zc - m_safe[:, None]), 0.0)
+        return m_new, l_i * rescale + tl.sum(p, 1), nan, rescale, p
+
+    @triton.jit
+    def _online_lse_result(m_i, l_i, nan):
+        """The LSE of an online reduction: −inf for an empty row, NaN if any entry was NaN."""
+        lse = tl.where(m_i == float("-inf"), float("-inf"),
+                       m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
+        return tl.where(nan > 0, float("nan"), lse)
+
+    @triton.jit
     def _contrastive_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
                           lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED: tl.constexpr,
                           HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr, EXCL: tl.constexpr,
@@ -208,19 +228,10 @@ if triton is not None:
             if HAS_BIAS:
                 zb = z + tl.load(bias_ptr + cols, mask=cols < n_b, other=0.0)[None, :]
             zc = tl.where(cand, zb, float("-inf"))
-            # tl.max skips NaN: track it, so NaN features propagate instead of looking empty.
-            nan = tl.maximum(nan, tl.max(tl.where(zc != zc, 1.0, 0.0), 1))
-            m_new = tl.maximum(m_i, tl.max(zc, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            # Masked entries select 0 (never exp(-inf) · 0, never inf · 0).
-            p = tl.where(cand, tl.exp(zc - m_safe[:, None]), 0.0)
-            l_i = l_i * tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_safe)) + tl.sum(p, 1)
-            m_i = m_new
+            m_i, l_i, nan, _, _ = _online_lse_step(m_i, l_i, nan, zc, cand)
             ps += tl.sum(tl.where(pos, z, 0.0), 1)
             pc += tl.sum(tl.where(pos, 1.0, 0.0), 1)
-        lse = tl.where(m_i == float("-inf"), float("-inf"),
-                       m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
-        lse = tl.where(nan > 0, float("nan"), lse)
+        lse = _online_lse_result(m_i, l_i, nan)
         ok = rows < n_a
         tl.store(lse_ptr + rows, lse, mask=ok)
         tl.store(psum_ptr + rows, ps, mask=ok)
@@ -320,12 +331,7 @@ if triton is not None:
                 lab_ptr, klab_ptr, n_keys, offset, False, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
                 BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
             zc = tl.where(cand, z, float("-inf"))
-            nan = tl.maximum(nan, tl.max(tl.where(zc != zc, 1.0, 0.0), 1))
-            m_new = tl.maximum(m_i, tl.max(zc, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.where(cand, tl.exp(zc - m_safe[:, None]), 0.0)
-            l_i = l_i * tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_safe)) + tl.sum(p, 1)
-            m_i = m_new
+            m_i, l_i, nan, _, _ = _online_lse_step(m_i, l_i, nan, zc, cand)
             ps += tl.sum(tl.where(pos, z, 0.0), 1)
             pc += tl.sum(tl.where(pos, 1.0, 0.0), 1)
             kmask = cols < n_keys
@@ -335,9 +341,7 @@ if triton is not None:
             tl.atomic_add(csum_ptr + cols, tl.sum(q, 0), mask=kmask)
             tl.atomic_add(cpsum_ptr + cols, tl.sum(tl.where(pos, z, 0.0), 0), mask=kmask)
             tl.atomic_add(cpcnt_ptr + cols, tl.sum(tl.where(pos, 1.0, 0.0), 0), mask=kmask)
-        lse = tl.where(m_i == float("-inf"), float("-inf"),
-                       m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
-        lse = tl.where(nan > 0, float("nan"), lse)
+        lse = _online_lse_result(m_i, l_i, nan)
         tl.store(lse_ptr + rows, lse, mask=rmask)
         tl.store(psum_ptr + rows, ps, mask=rmask)
         tl.store(pcnt_ptr + rows, pc, mask=rmask)
@@ -633,16 +637,11 @@ if triton is not None:
                 z = z + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
             inb = rmask[:, None] & cmask[None, :]
             z = tl.where(inb, z, float("-inf"))
-            nan = tl.maximum(nan, tl.max(tl.where(z != z, 1.0, 0.0), 1))
-            m_new = tl.maximum(m_i, tl.max(z, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            rescale = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_safe))
-            p = tl.where(inb & (z > float("-inf")), tl.exp(z - m_safe[:, None]), 0.0)
-            l_i = l_i * rescale + tl.sum(p, 1)
+            m_i, l_i, nan, rescale, p = _online_lse_step(m_i, l_i, nan, z,
+                                                         inb & (z > float("-inf")))
             vt = tl.load(v_ptr + cols[:, None] * stride_v + es[None, :],
                          mask=cmask[:, None] & (es[None, :] < e), other=0.0)
             acc = acc * rescale[:, None] + tl.dot(p, vt.to(tl.float32), allow_tf32=ALLOW_TF32)
-            m_i = m_new
         lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         lse = tl.where(nan > 0, float("nan"), lse)
         # A row with no finite logit (every bias −inf) has no softmax: NaN, as in the reference.
