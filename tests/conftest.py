@@ -23,6 +23,7 @@ if os.environ.get("FUSED_LOSSES_NO_INTERPRET") is None:
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import helpers  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import backends_under_test, device_for, supports  # noqa: E402
@@ -75,6 +76,12 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def device(backend):
     return device_for(backend)
+
+
+@pytest.fixture(autouse=True)
+def _forget_the_last_seed():
+    # failure messages name the seed this test drew (helpers.seed_hint), never an earlier test's
+    helpers.LAST_SEED[0] = None
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -59,17 +60,43 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(num / den)
 
 
+# Set by scripts/stress_tolerances.py to a file path: every bounded comparison is then appended
+# to it as a JSON line {what, err, bound} instead of asserted, so the bounds can be audited over
+# many seeds.
+RECORD_BOUNDS = "FUSED_LOSSES_RECORD_BOUNDS"
+
+
+def assert_within(err: float, bound: float, what: str, exempt: bool = False) -> None:
+    """``err <= bound`` (or ``exempt``: an absolute-error escape the caller justified)."""
+    if os.environ.get(RECORD_BOUNDS):
+        with open(os.environ[RECORD_BOUNDS], "a") as f:
+            exempt = bool(exempt and err > bound)  # passes only by the exemption
+            f.write(json.dumps(dict(what=what, err=err, bound=bound, exempt=exempt)) + "\n")
+        return
+    hint = "" if "FUSED_LOSSES_TEST_SEED" in what else seed_hint()
+    assert err <= bound or exempt, f"{what}: relative error {err:.3e} > {bound:.1e}{hint}"
+
+
 def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
-    err = rel_err(out, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+    assert_within(rel_err(out, ref), tol, what)
+
+
+# The seed the running test drew last (None before it draws one; conftest resets it per test):
+# failure messages name it, so that FUSED_LOSSES_TEST_SEED=… reproduces the failure.
+LAST_SEED: list[int | None] = [None]
+
+
+def seed_hint() -> str:
+    return "" if LAST_SEED[0] is None else f" (FUSED_LOSSES_TEST_SEED={LAST_SEED[0]})"
 
 
 def seeded(seed: int | None = None) -> torch.Generator:
-    """A CPU generator with a fresh seed per call (SPEC: fresh random inputs); messages report
-    ``gen.initial_seed()``.  Set FUSED_LOSSES_TEST_SEED to reproduce a failure."""
+    """A CPU generator with a fresh seed per call (SPEC: fresh random inputs); failure messages
+    name it.  Set FUSED_LOSSES_TEST_SEED to reproduce a failure."""
     if seed is None:
         env = os.environ.get("FUSED_LOSSES_TEST_SEED")
         seed = int(env) if env else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        LAST_SEED[0] = seed
     return torch.Generator().manual_seed(seed)
 
 

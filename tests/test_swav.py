@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel, randn, seeded, tol_for
+from helpers import assert_rel, assert_within, randn, seeded, tol_for
 
 import fused_losses as FL
 from fused_losses import _dispatch
@@ -93,13 +93,15 @@ def _check_against_swav(backend, device, c):
     seed = gen.initial_seed()
     assert out.shape == (c["b"],)
     assert_rel(out, ref, tol, f"loss (seed {seed})")
-    # A gradient can vanish exactly (B=1, D=1: codes and predictions both uniform), so errors
-    # are relative to the larger of its norm and 1e-3 of the gradient's natural scale ‖g‖/τ.
-    floor = 1e-3 * float(g.norm()) / kw["temperature"]
+    # A gradient can vanish exactly (B=1, D=1: codes and predictions both uniform, where an
+    # fp32 run leaves a few ulps of its natural scale ‖g‖/τ, the size of the terms that cancel),
+    # so errors are relative to the larger of its norm and 0.1·‖g‖/τ: an absolute error of
+    # 10·tol·‖g‖/τ (≈ 80 ulps of that scale in fp32) is allowed there.
+    floor = 0.1 * float(g.norm()) / kw["temperature"]
     for name, ours, theirs in (("d embeddings", e.grad, e_ref.grad),
                                ("d prototypes", p.grad, p_ref.grad)):
         err = float((ours.double().cpu() - theirs).norm()) / max(float(theirs.norm()), floor)
-        assert err <= tol, f"{name} (seed {seed}): relative error {err:.3e} > {tol:.1e}"
+        assert_within(err, tol, f"{name} (seed {seed})")
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
