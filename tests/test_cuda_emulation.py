@@ -281,4 +281,5 @@ def test_emulated_several_tiles(emu_backend, dtype):
         emu_backend, CPU, dtype,
         lambda be, a, b, c, bb: FL.pairwise_softmax_matmul(a, b, c, scale=3.0, bias=bb,
                                                            backend=be),
-        [x, y, v, bias], "softmax_matmul " + what)
+        [x, y, v, bias], "softmax_matmul " + what,
+        alternatives=[lambda a, b, c, bb: T._FlashSoftmaxMatmul.apply(a, b, c, bb, 3.0)])

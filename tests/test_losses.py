@@ -503,19 +503,24 @@ class _FlashSoftmaxMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, v, bias, scale):
+        dtype = x.dtype
+        # fp32 accumulation for fp16/bf16 inputs, as the kernels do
+        x, y, v, bias = (t.to(torch.promote_types(dtype, torch.float32)) for t in (x, y, v, bias))
         z = scale * (x @ y.T) + bias
         lse = torch.logsumexp(z, 1, keepdim=True)
         out = torch.exp(z - lse) @ v
         ctx.save_for_backward(x, y, v, bias, lse, out)
-        ctx.scale = scale
-        return out
+        ctx.scale, ctx.dtype = scale, dtype
+        return out.to(dtype)
 
     @staticmethod
     def backward(ctx, g_out):
         x, y, v, bias, lse, out = ctx.saved_tensors
+        g_out = g_out.to(out.dtype)
         p = torch.exp(ctx.scale * (x @ y.T) + bias - lse)
         ds = p * (g_out @ v.T - (g_out * out).sum(1, keepdim=True))
-        return ctx.scale * ds @ y, ctx.scale * ds.T @ x, p.T @ g_out, ds.sum(0), None
+        grads = ctx.scale * ds @ y, ctx.scale * ds.T @ x, p.T @ g_out, ds.sum(0)
+        return (*(gr.to(ctx.dtype) for gr in grads), None)
 
 
 @pytest.mark.parametrize("exclude_diagonal", [False, True])

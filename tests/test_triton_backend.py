@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_rel, device_for, randn, seeded
-from test_losses import check_against_reference
+from test_losses import _FlashSoftmaxMatmul, check_against_reference
 
 import fused_losses as FL
 
@@ -118,7 +118,9 @@ def test_large_feature_dim(d, det_mode):
     check_against_reference("triton", DEVICE, torch.float32,
                             lambda b, x, y, v, bi: FL.pairwise_softmax_matmul(
                                 x, y, v, scale=2.0, bias=bi, backend=b),
-                            [x, y, v, bias_m], f"psm D={d} seed={seed}")
+                            [x, y, v, bias_m], f"psm D={d} seed={seed}",
+                            alternatives=[lambda x, y, v, bi: _FlashSoftmaxMatmul.apply(
+                                x, y, v, bi, 2.0)])
 
 
 def test_large_feature_dim_fp16():
