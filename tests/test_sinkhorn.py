@@ -90,8 +90,8 @@ def test_matches_geomloss_value_and_gradients(backend, device, case):
 @pytest.mark.requires_op("ot_softmin")
 def test_fp32_matches_geomloss(backend, device, case):
     """Every case in fp32 (the only precision of the GPU backends), against GeomLoss in fp64.
-    Bound: 1e-4, or twice GeomLoss's own error when it runs in fp32 (p=1's ‖x‖²−2⟨x,y⟩+‖y‖²
-    cancels in fp32 for any implementation)."""
+    Bound: 1e-4, or GeomLoss's own fp32 noise floor where that is larger (p=1's
+    ‖x‖²−2⟨x,y⟩+‖y‖² cancels in fp32 for any implementation)."""
     c, gen, (x, y, a, b), kw = _case_inputs(case)
     theirs = _geomloss(x, y, a, b, **kw)
     leaves = [t.detach().float().to(device).requires_grad_() for t in (x, y, a, b)
@@ -100,18 +100,31 @@ def test_fp32_matches_geomloss(backend, device, case):
     ours = FL.sinkhorn(leaves[0], leaves[1], a=as_, b=bs, reduction="sum", backend=backend,
                        **kw)
     assert ours.dtype == torch.float32
-    leaves32 = [t.detach().float().requires_grad_() for t in (x, y, a, b) if t is not None]
-    eager = _geomloss(*(leaves32[:2] + ([None, None] if a is None else leaves32[2:])),
-                      **kw).sum()
     what = f"{c} seed={gen.initial_seed()}"
-    assert_rel(ours, theirs.sum(), max(1e-4, 2 * rel_err(eager, theirs.sum())),
-               what + " fp32 value")
     ref_leaves = [t for t in (x, y, a, b) if t is not None]
-    for g_ours, g_theirs, g_eager in zip(torch.autograd.grad(ours, leaves),
-                                         torch.autograd.grad(theirs.sum(), ref_leaves),
-                                         torch.autograd.grad(eager, leaves32)):
-        assert_rel(g_ours, g_theirs, max(1e-4, 2 * rel_err(g_eager, g_theirs)),
-                   what + " fp32 grad")
+    theirs_grads = torch.autograd.grad(theirs.sum(), ref_leaves)
+    # GeomLoss's own fp32 noise floor: its plain fp32 run (2×) and 8 runs on inputs moved by one
+    # fp32 ulp (4×), the worst of them: one run alone can be luckily accurate.
+    pgen = torch.Generator().manual_seed(gen.initial_seed() + 1)
+    floor_value, floor_grads = 0.0, [0.0] * len(ref_leaves)
+    for r in range(9):
+        leaves32 = [t.detach().float() for t in ref_leaves]
+        if r:
+            leaves32 = [(t.double() * (1 + torch.finfo(torch.float32).eps
+                                       * torch.randn(t.shape, generator=pgen,
+                                                     dtype=torch.float64))).float()
+                        for t in leaves32]
+        leaves32 = [t.requires_grad_() for t in leaves32]
+        eager = _geomloss(*(leaves32[:2] + ([None, None] if a is None else leaves32[2:])),
+                          **kw).sum()
+        factor = 2.0 if r == 0 else 4.0
+        floor_value = max(floor_value, factor * rel_err(eager, theirs.sum()))
+        for k, (g_eager, g_theirs) in enumerate(zip(torch.autograd.grad(eager, leaves32),
+                                                    theirs_grads)):
+            floor_grads[k] = max(floor_grads[k], factor * rel_err(g_eager, g_theirs))
+    assert_rel(ours, theirs.sum(), max(1e-4, floor_value), what + " fp32 value")
+    for k, (g_ours, g_theirs) in enumerate(zip(torch.autograd.grad(ours, leaves), theirs_grads)):
+        assert_rel(g_ours, g_theirs, max(1e-4, floor_grads[k]), what + f" fp32 grad {k}")
 
 
 @pytest.mark.requires_op("ot_softmin")
