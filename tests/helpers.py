@@ -108,6 +108,15 @@ def randn(*shape, dtype=torch.float32, device="cpu", gen=None, requires_grad=Fal
     return t
 
 
+def moved_by_an_ulp(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``t`` with every entry moved by about one unit in the last place of its dtype (a random
+    relative step of eps, rounded back to the dtype): an equally valid input whose rounding
+    pattern differs.  Tests measure a dtype's noise floor by re-running eager code on these."""
+    noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+    moved = t.detach().double().cpu() * (1 + torch.finfo(t.dtype).eps * noise)
+    return moved.to(device=t.device, dtype=t.dtype)
+
+
 def leaf64(t: torch.Tensor) -> torch.Tensor:
     """A float64 CPU copy of ``t`` that is a fresh autograd leaf when ``t`` requires grad."""
     return t.detach().to(torch.float64).cpu().requires_grad_(t.requires_grad)

@@ -18,6 +18,7 @@ from helpers import (
     dtypes_for,
     kernel_inputs,
     leaf64,
+    moved_by_an_ulp,
     randn,
     rel_err,
     seed_hint,
@@ -52,18 +53,12 @@ def _to(t, device, dtype):
     return t.detach().to(device=device, dtype=want).requires_grad_(t.requires_grad)
 
 
-def _perturbed(tensors, dtype, gen):
-    """``tensors`` with every floating input moved by about one unit in the last place of the
-    dtype it is computed in (then rounded to it): an equally valid input whose fp32 rounding
-    pattern differs from the original's."""
-    out = []
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-            moved = t.detach().double().cpu() * (1 + torch.finfo(t.dtype).eps * noise)
-            t = moved.to(device=t.device, dtype=t.dtype).requires_grad_(t.requires_grad)
-        out.append(t)
-    return out
+def _perturbed(tensors, gen):
+    """``tensors`` with every floating input below fp64 moved by about one ulp of its dtype."""
+    return [moved_by_an_ulp(t, gen).requires_grad_(t.requires_grad)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            else t
+            for t in tensors]
 
 
 def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None,
@@ -152,7 +147,7 @@ def check_against_reference(backend, device, dtype, fn, tensors, what, tol=None,
             ins_eager = [_to(t, device, dtype) for t in tensors]
             factor = 2.0 if r == 0 else 4.0
             if r:
-                ins_eager = _perturbed(ins_eager, dtype, pgen)
+                ins_eager = _perturbed(ins_eager, pgen)
             fresh = torch.randn(g.shape, dtype=torch.float64, generator=pgen) if r else None
             for run in (lambda *a: fn("reference", *a), *alternatives):
                 eager_outs = as_tuple(run(*ins_eager))

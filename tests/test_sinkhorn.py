@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_rel, randn, rel_err, seeded
+from helpers import assert_rel, moved_by_an_ulp, randn, rel_err, seeded
 
 import fused_losses as FL
 
@@ -110,10 +110,7 @@ def test_fp32_matches_geomloss(backend, device, case):
     for r in range(9):
         leaves32 = [t.detach().float() for t in ref_leaves]
         if r:
-            leaves32 = [(t.double() * (1 + torch.finfo(torch.float32).eps
-                                       * torch.randn(t.shape, generator=pgen,
-                                                     dtype=torch.float64))).float()
-                        for t in leaves32]
+            leaves32 = [moved_by_an_ulp(t, pgen) for t in leaves32]
         leaves32 = [t.requires_grad_() for t in leaves32]
         eager = _geomloss(*(leaves32[:2] + ([None, None] if a is None else leaves32[2:])),
                           **kw).sum()
