@@ -5,8 +5,7 @@ Every op takes ``backend="auto" | "reference" | "triton" | "cuda" | "cpu"``; see
 ``available_backends()`` for what this installation can run.
 """
 
-from . import backends as _backends  # noqa: F401,E402  (registers the compiled/Triton backends)
-from . import reference as _reference  # noqa: F401  (registers the reference backend)
+from . import backends as _backends  # noqa: F401  (registers every backend)
 from ._dispatch import available_backends, get_backend, registered_backends
 from .functional import (
     clip_loss,

@@ -120,6 +120,7 @@ class PairMask:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 stays float64, all else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from . import _validation as V
 from ._dispatch import resolve
-from .reference import REFERENCE, acc_dtype
+from .backends.reference import REFERENCE
+from .kernels import acc_dtype
 
 COSTS = ("sqeuclidean", "cosine")
 _LOG_ZERO_WEIGHT = -100000.0  # GeomLoss's log of a zero weight

@@ -27,8 +27,8 @@ import torch
 
 from . import _validation as V
 from .functional import pairwise_logsumexp, pairwise_softmax_matmul
+from .kernels import acc_dtype
 from .ot import knopp_potentials, sinkhorn_knopp
-from .reference import acc_dtype
 
 
 def _check(embeddings, prototypes, n_crops, crops_for_assign, temperature, epsilon, n_iters,

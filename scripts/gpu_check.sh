@@ -47,7 +47,7 @@ fi
 if python -c "import fused_losses.bench" 2>/dev/null; then
   run bench python -m fused_losses.bench --device cuda --out "$out"
   # cuda vs triton vs reference on the ops the cuda backend implements (bench.py takes any
-  # registered backend name); these figures are what cuda_backend.MEASURED_FASTER is filled from.
+  # registered backend name); these figures are what fused_losses/backends/cuda.py MEASURED_FASTER is filled from.
   if ((cuda_ok)); then
     run bench_cuda python -m fused_losses.bench --device cuda --ops clip supcon ms sinkhorn \
       --backends reference triton cuda --out "$out/cuda_vs_triton"

@@ -22,7 +22,8 @@ import pytest
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=20, help="runs, each with a fresh seed")
+    ap.add_argument("--seeds", type=int, default=20,
+                    help="runs, each with a fresh base seed (FUSED_LOSSES_TEST_SEED)")
     ap.add_argument("--top", type=int, default=15, help="worst ratios to print")
     ap.add_argument("--small", action="store_true",
                     help="only the small awkward shapes (helpers.SHAPES), not the large ones")

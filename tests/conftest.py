@@ -8,6 +8,7 @@ that backend runs on.  Adding a backend therefore adds its tests with no test ed
 from __future__ import annotations
 
 import os
+import random
 import sys
 
 # The Triton backend runs on CPU tensors only under the interpreter; it must be set before
@@ -79,9 +80,18 @@ def device(backend):
 
 
 @pytest.fixture(autouse=True)
-def _forget_the_last_seed():
-    # failure messages name the seed this test drew (helpers.seed_hint), never an earlier test's
-    helpers.LAST_SEED[0] = None
+def _seed_from_test_id(request):
+    # Every random input of a test is fixed by its id (and FUSED_LOSSES_TEST_SEED, 0 unless the
+    # stress script sets a fresh one): the same inputs on every run, whatever ran before.
+    seed = helpers.start_test(request.node.nodeid)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """The ``cuda`` backend: registration, its unavailability reason on a machine without the
 extension or a GPU, and ``backend="auto"`` never picking it while no GPU run has measured it
-faster (the speed table in fused_losses/cuda_backend.py is empty).
+faster (the speed table in fused_losses/backends/cuda.py is empty).
 
 With the extension and a GPU, the backend-parametrized suite (test_losses.py etc.) runs it like
 any other backend; the ``test_cuda_small_*`` cases below are a quick smoke selection, sized for
@@ -15,7 +15,8 @@ import torch
 from helpers import assert_rel, seeded
 
 import fused_losses as FL
-from fused_losses import _dispatch, cuda_backend
+from fused_losses import _dispatch
+from fused_losses.backends import cuda as cuda_backend
 
 CUDA_WHY = _dispatch.get_backend("cuda").availability()
 needs_cuda = pytest.mark.skipif(CUDA_WHY is not None, reason=f"cuda backend: {CUDA_WHY}")
@@ -230,7 +231,7 @@ def test_glue_primitives_and_sinkhorn(glue_backend):
 
 
 def test_fakes_give_fp32_outputs_for_low_precision_inputs():
-    from fused_losses.cpu_backend import _FAKES
+    from fused_losses.backends.cpu import _FAKES
 
     x = torch.empty(5, 3, dtype=torch.bfloat16, device="meta")
     y = torch.empty(7, 3, dtype=torch.bfloat16, device="meta")

@@ -205,7 +205,7 @@ class EmulatedCudaKernels:
 def emu_backend(emu_lib):
     """A temporary fused backend over the emulated kernels, in the triton slot (so that the
     shared cases use the interpreter-sized shapes, and fp32/fp16)."""
-    from fused_losses.cuda_backend import OPS
+    from fused_losses.backends.cuda import OPS
     from fused_losses.fused import make_fused_ops
 
     saved = dict(_dispatch._BACKENDS)

@@ -20,7 +20,7 @@ DEVICE = device_for("triton")
 
 
 def _tb():
-    from fused_losses import triton_backend
+    from fused_losses.backends import triton as triton_backend
 
     return triton_backend
 

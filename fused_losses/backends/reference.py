@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import Backend, register_backend
+from .._dispatch import Backend, register_backend
+from ..kernels import acc_dtype
 
 REFERENCE = register_backend(
     Backend(
@@ -38,11 +39,6 @@ REFERENCE = register_backend(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
     )
 )
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for inputs of ``dtype``: float64 stays float64, all else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def similarities(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
-from .fused import register_fused_backend
+from .. import _ext
+from ..fused import register_fused_backend
 
 OPS = ["info_nce", "pairwise_logsumexp", "multi_similarity", "pairwise_softmax_matmul",
        "ot_softmin", "ot_grad", "ot_plan_matmul"]
@@ -155,7 +155,7 @@ def _as_f32(fake):
 def _register_fakes():
     if _ext.load_cuda_ext() is None:
         return
-    from .cpu_backend import _FAKES
+    from .cpu import _FAKES
 
     for name in _FAKE_OPS:
         torch.library.register_fake(f"fused_losses_cuda::{name}", _as_f32(_FAKES[name]))

@@ -56,7 +56,7 @@ from typing import Optional
 
 import torch
 
-from .fused import register_fused_backend
+from ...fused import register_fused_backend
 
 try:
     import triton

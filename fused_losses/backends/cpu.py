@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
-from .fused import register_fused_backend
+from .. import _ext
+from ..fused import register_fused_backend
 
 
 def _ops():
