@@ -167,6 +167,9 @@ def worker(rank, args, init_file):
         print(f"  encoder activations of the whole local batch (no GradCache): "
               f"{activations / GiB:.2f} GiB (here: one chunk of {args.chunk} rows, "
               f"{activations * args.chunk / n_local / GiB:.3f} GiB)")
+    # No rank tears gloo down while another still talks to it (an early exit can abort the
+    # other rank: "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -382,6 +382,7 @@ def _worker(rank, world, init_file, out_dir, backends, seed):
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(found, f)
+        dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()
 
 

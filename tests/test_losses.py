@@ -259,6 +259,12 @@ def test_info_nce(backend, device, variant, reduction):
                 **kw,
             )
 
+        alternatives = []
+        if opts == dict(symmetric=True):
+            def norm_bound(q, k, t, e, lab, kw=kw):
+                return _norm_bound_symmetric_info_nce(q, k, t, kw["normalize"], reduction)
+
+            alternatives.append(norm_bound)
         check_against_reference(
             backend,
             device,
@@ -267,7 +273,44 @@ def test_info_nce(backend, device, variant, reduction):
             [q, k, temp, extra, labels],
             f"info_nce {opts} {reduction} N={n} M={m} D={d} {dtype}",
             out_atol=out_atol,
+            alternatives=alternatives,
         )
+
+
+class _NormBoundColumnLSE(torch.autograd.Function):
+    """Column LSE of z as the fused one-sweep CLIP forward computes it: sums of exp(z − c_j)
+    against an upper bound c_j ≥ max_i z_ij known before the sweep (Cauchy–Schwarz: |scale| ·
+    max_i ‖x_i‖ · ‖y_j‖), LSE_j = c_j + log Σ_i exp(z_ij − c_j), and the backward's softmax
+    recomputed as exp(z − LSE).  Exact in real arithmetic; in fp32 the LSE's rounding grows with
+    c_j − max_i z_ij (an ulp of |c_j| + |log Σ|), which a one-hot column's gradient p − 1 keeps."""
+
+    @staticmethod
+    def forward(ctx, z, c):
+        lse = c + torch.log(torch.exp(z - c).sum(0))
+        ctx.save_for_backward(z, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        z, lse = ctx.saved_tensors
+        return g * torch.exp(z - lse), None
+
+
+def _norm_bound_symmetric_info_nce(q, k, t, normalize, reduction):
+    """info_nce(symmetric=True) with the column LSE of the fused one-sweep path (fp32 math)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, t = q.to(dtype), k.to(dtype), t.to(dtype)
+    if normalize:
+        q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+    scale = 1.0 / t
+    z = scale * (q @ k.T)
+    bound = (scale.abs() * torch.linalg.vector_norm(q, dim=1).max()
+             * torch.linalg.vector_norm(k, dim=1) * (1.0 + 2.0 ** -9)).detach()
+    n = z.shape[0]
+    pos = torch.diagonal(z)  # keys beyond the N queries have no positive: no column loss
+    rows = torch.logsumexp(z, 1) - pos
+    cols = _NormBoundColumnLSE.apply(z, bound)[:n] - pos
+    return 0.5 * (rows + cols) if reduction == "none" else 0.5 * (rows.mean() + cols.mean())
 
 
 @pytest.mark.parametrize("temperature", [1e-3, 0.05, 1e3])
