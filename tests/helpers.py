@@ -206,3 +206,101 @@ def kernel_inputs(dtype: torch.dtype, d: int, *tensors: torch.Tensor):
     if dtype in LOW_PRECISION and d > 1:
         return False, tuple(unit_rows(t) for t in tensors)
     return d > 1, tensors
+
+
+# --------------------------------------------------------------------------------------------
+# multi-process runs on gloo (CPU)
+
+
+def _gloo_entry(rank, world, init_file, out_dir, worker, args):
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        found = worker(rank, world, *args)
+    except Exception:
+        found = {"error": traceback.format_exc(limit=8)}
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(found, f)
+        dist.destroy_process_group()
+
+
+def run_on_gloo(worker, world: int, *args) -> list:
+    """Run ``worker(rank, world, *args)`` in ``world`` spawned processes joined in a gloo group
+    (the default group; file rendezvous) and return what each returned (JSON-serializable), in
+    rank order.  An exception in a worker comes back as ``{"error": traceback}``.  ``worker``
+    must be a module-level function (it is pickled by reference)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_entry, args=(world, os.path.join(tmp, "rendezvous"), tmp, worker, args),
+                 nprocs=world, join=True)
+        out = []
+        for r in range(world):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                out.append(json.load(f))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# side-by-side comparison with another library (tests/test_integrations_*.py)
+
+
+def _outputs_and_grads(fn, inputs: dict, as_dtype: torch.dtype, move_gen=None):
+    """``fn(**inputs)`` on fresh leaves in ``as_dtype`` (moved by an ulp when ``move_gen``), and
+    the gradients of its sum w.r.t. every floating input that requires grad (zeros if unused)."""
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            t = v.detach().to(as_dtype)
+            if move_gen is not None:
+                t = moved_by_an_ulp(t, move_gen)
+            v = t.requires_grad_(v.requires_grad)
+        leaves[k] = v
+    out = fn(**leaves)
+    names = [k for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    grads = {}
+    if names:
+        got = torch.autograd.grad(out.sum(), [leaves[k] for k in names], allow_unused=True)
+        grads = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, got)}
+    return out, grads
+
+
+def side_by_side(ours, theirs, inputs: dict, dtype: torch.dtype, what: str,
+                 tol: float | None = None) -> dict:
+    """``ours(**inputs in dtype)`` against ``theirs(**inputs in float64)``, the library's answer:
+    every floating tensor of ``inputs`` that requires grad becomes a fresh leaf on each side.
+    Asserts the value and every gradient within ``tol`` (default SPEC §7's ``tol_for(dtype)``)
+    of the library's float64 result.  Below float64 the bound is also at least twice the
+    library's own error in ``dtype`` (its plain run, and two runs on inputs moved by an ulp: one
+    run alone can be luckily accurate), as SPEC §7 bounds low precision: a quantity that the
+    library cannot compute to 1e-5 in fp32 (a loss of 1e-6 made of log(1 + tiny)) is held to
+    what fp32 allows.  Returns the relative errors and the bounds used."""
+    tol = tol_for(dtype) if tol is None else tol
+    out, grads = _outputs_and_grads(ours, inputs, dtype)
+    expected, want = _outputs_and_grads(theirs, inputs, torch.float64)
+    errs = {"value": rel_err(out, expected)}
+    errs.update({f"grad {k}": rel_err(grads[k], want[k]) for k in want})
+    bounds = dict.fromkeys(errs, tol)
+    if dtype != torch.float64:
+        gen = torch.Generator().manual_seed(len(what))
+        for move in (None, gen, gen):
+            try:
+                lib, lib_grads = _outputs_and_grads(theirs, inputs, dtype, move)
+            except (RuntimeError, TypeError):  # the library does not run in this dtype
+                break
+            floor = {"value": rel_err(lib, expected)}
+            floor.update({f"grad {k}": rel_err(lib_grads[k], want[k]) for k in want})
+            for k, v in floor.items():
+                bounds[k] = max(bounds[k], 2.0 * v)
+    for k, err in errs.items():
+        assert_within(err, bounds[k], f"{what} {k} ({dtype})")
+    return {"errors": errs, "bounds": bounds}

@@ -10,8 +10,9 @@ only as an attribute.
 Not implemented, and refused with a ValueError at the call (use ``geomloss.SamplesLoss``):
 losses other than ``"sinkhorn"``, unbalanced OT (``reach``), custom ``cost`` functions or
 formulas, and cluster labels (the six-argument call).  Differences: the potentials come back
-without a gradient (shaped as GeomLoss's: (1, N) for an unbatched cloud); a diameter of 0 (a single point, identical clouds) is well defined here
-(GeomLoss: log(0), #51/#74); under ``torch.no_grad()`` autograd stays off (GeomLoss #57).
+without a gradient (shaped as GeomLoss's: (1, N) for an unbatched cloud); a diameter of 0 (a
+single point, identical clouds) is well defined here (GeomLoss: log(0), #51/#74); under
+``torch.no_grad()`` autograd stays off (GeomLoss #57).
 """
 
 from __future__ import annotations

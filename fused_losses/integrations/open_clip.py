@@ -240,7 +240,7 @@ class SigLipLoss(_Distributed):
             all_txt = self._gather(txt, True, False)
             off, sizes = self._offset(img)
             start = 0
-            for r, n in enumerate(sizes):
+            for n in sizes:
                 if start != off:
                     loss = loss + self._loss(img, all_txt[start:start + n], scale, bias,
                                              negative_only=True)
