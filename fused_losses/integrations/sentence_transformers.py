@@ -40,7 +40,10 @@ from ..kernels import TorchBlockKernels, acc_dtype
 from ._common import logsumexp_of, require, warn_fallback, world
 
 require("sentence_transformers", "sentence_transformers", "sentence-transformers")
-from sentence_transformers import losses as _st_losses  # noqa: E402
+try:  # sentence-transformers >= 6: the losses live per model type
+    from sentence_transformers.sentence_transformer import losses as _st_losses  # noqa: E402
+except ImportError:  # pragma: no cover - older releases
+    from sentence_transformers import losses as _st_losses  # noqa: E402
 from sentence_transformers.base.losses.merged_forward import embed_columns  # noqa: E402
 from sentence_transformers.util import batch_to_device, cos_sim, dot_score  # noqa: E402
 
