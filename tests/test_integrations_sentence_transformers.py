@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import randn, rel_err, run_on_gloo, seeded, side_by_side
+from helpers import logit_ulps, randn, rel_err, run_on_gloo, seeded, side_by_side
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 st = pytest.importorskip("sentence_transformers",
@@ -49,12 +49,6 @@ def _embeddings(b, d, columns, gen, scale=1.0):
             for k in range(columns)}
 
 
-def _logit_ulps(dtype, scale):
-    """A few ulps of a logit of size ``scale``: the absolute rounding error of LSE − positive
-    (a loss of 1e-6 made of two logits of 20 cannot be computed to 1e-10 relative in fp64)."""
-    return 4 * torch.finfo(dtype).eps * max(scale, 1.0)
-
-
 def _on_embeddings(loss):
     return lambda **e: loss.compute_loss_from_embeddings([e[k] for k in sorted(e)], None)
 
@@ -77,7 +71,7 @@ def test_mnrl_matches(directions, partition_mode, dtype):
                 side_by_side(_on_embeddings(mine), _on_embeddings(theirs),
                              _embeddings(b, d, columns, gen, 0.3 if scale == 1.0 else 1.0),
                              dtype, f"MNRL {sim.__name__} b={b} d={d} cols={columns}",
-                             value_atol=_logit_ulps(dtype, scale))
+                             value_atol=logit_ulps(dtype, scale))
 
 
 def test_symmetric_and_fallbacks():
