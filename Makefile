@@ -20,6 +20,9 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp 
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "triton>=3.0" numpy setuptools wheel ninja
 	$(PIP) install -q --no-build-isolation -e ".[test,bench,triton]"
+	# OpenCLIP for the bench's peer, without its dependencies (torchvision would replace torch):
+	# the bench loads its loss.py alone when the package does not import (torch 2.13 here).
+	$(PIP) install -q --no-deps "open_clip_torch>=2.20"
 	touch $(STAMP)
 
 lint: $(STAMP)
