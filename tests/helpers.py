@@ -350,3 +350,20 @@ def side_by_side(ours, theirs, inputs: dict, dtype: torch.dtype, what: str,
     for k, err in errs.items():
         assert_within(err, bounds[k], f"{what} {k} ({dtype})", exempt=(k == "value" and value_ok))
     return {"errors": errs, "bounds": bounds}
+
+
+def record_on_rank(found: dict, key: str, compare) -> None:
+    """In a gloo worker: ``found[key] = compare()``, or ``{"error": message}`` when it fails, so
+    that a failing comparison does not leave the other ranks waiting in a collective."""
+    try:
+        found[key] = compare()
+    except AssertionError as exc:
+        found[key] = {"error": str(exc)}
+
+
+def assert_ranks_ok(per_rank: list) -> None:
+    """Every rank ran (no exception) and every comparison it recorded passed."""
+    for rank, found in enumerate(per_rank):
+        assert "error" not in found, found.get("error")
+        for case, result in found.items():
+            assert "error" not in result, f"rank {rank} {case}: {result['error']}"

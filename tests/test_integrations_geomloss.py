@@ -44,17 +44,18 @@ def test_matches_geomloss(kw, dtype):
     for n, m, d in ((17, 23, 3), (1, 5, 2), (30, 30, 1)):
         xy = {"x": _cloud((n, d), gen), "y": _cloud((m, d), gen, 0.4)}
         side_by_side(lambda x, y: ours(x, y), lambda x, y: theirs(x, y), xy, dtype,
-                     f"(x, y) {kw} {n, m, d}", tol)
+                     f"SamplesLoss (x, y) {kw} {n, m, d}", tol)
         weighted = {"a": _weights(n, gen, column=(n == 17)), "x": xy["x"],
                     "b": _weights(m, gen, column=(n == 17)), "y": xy["y"]}
         side_by_side(lambda a, x, b, y: ours(a, x, b, y), lambda a, x, b, y: theirs(a, x, b, y),
-                     weighted, dtype, f"(a, x, b, y) {kw} {n, m, d}", tol)
+                     weighted, dtype, f"SamplesLoss (a, x, b, y) {kw} {n, m, d}", tol)
     batched = {"a": _weights((3, 8), gen), "x": _cloud((3, 8, 2), gen),
                "b": _weights((3, 11), gen), "y": _cloud((3, 11, 2), gen, 0.2)}
     side_by_side(lambda a, x, b, y: ours(a, x, b, y), lambda a, x, b, y: theirs(a, x, b, y),
-                 batched, dtype, f"batched {kw}", tol)
+                 batched, dtype, f"SamplesLoss batched {kw}", tol)
     side_by_side(lambda x, y: ours(x, y), lambda x, y: theirs(x, y),
-                 {"x": batched["x"], "y": batched["y"]}, dtype, f"batched (x, y) {kw}", tol)
+                 {"x": batched["x"], "y": batched["y"]}, dtype,
+                 f"SamplesLoss batched (x, y) {kw}", tol)
 
 
 def test_shapes_and_potentials():

@@ -10,7 +10,17 @@ import warnings
 
 import pytest
 import torch
-from helpers import TOL, logit_ulps, randn, rel_err, run_on_gloo, seeded, side_by_side
+from helpers import (
+    TOL,
+    assert_ranks_ok,
+    logit_ulps,
+    randn,
+    record_on_rank,
+    rel_err,
+    run_on_gloo,
+    seeded,
+    side_by_side,
+)
 
 lightly_loss = pytest.importorskip(
     "lightly.loss", reason="lightly (with torchvision) does not import here (extra 'lightly'; "
@@ -111,18 +121,11 @@ def _dist_worker(rank, world, seed):
                 full = _views(world * n, 6, gen)
                 local = {k: v[rank * n:(rank + 1) * n].detach().requires_grad_()
                          for k, v in full.items()}
-                try:
-                    found[f"{name} {dtype}"] = side_by_side(
-                        mine, theirs, local, dtype, f"rank {rank}",
-                        value_atol=logit_ulps(dtype, 1.0 / mine.temperature))
-                except AssertionError as exc:
-                    found[f"{name} {dtype}"] = {"error": str(exc)}
+                record_on_rank(found, f"{name} {dtype}", lambda: side_by_side(
+                    mine, theirs, local, dtype, f"rank {rank} {name}",
+                    value_atol=logit_ulps(dtype, 1.0 / mine.temperature)))
     return found
 
 
 def test_gather_distributed_rank_by_rank():
-    per_rank = run_on_gloo(_dist_worker, 2, seeded().initial_seed())
-    for rank, found in enumerate(per_rank):
-        assert "error" not in found, found.get("error")
-        for case, errs in found.items():
-            assert "error" not in errs, f"rank {rank} {case}: {errs['error']}"
+    assert_ranks_ok(run_on_gloo(_dist_worker, 2, seeded().initial_seed()))

@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randn, rel_err, run_on_gloo, seeded, side_by_side
+from helpers import (
+    assert_ranks_ok,
+    randn,
+    record_on_rank,
+    rel_err,
+    run_on_gloo,
+    seeded,
+    side_by_side,
+)
 
 open_clip_loss = pytest.importorskip(
     "open_clip.loss", reason="OpenCLIP (open_clip_torch, with torchvision) does not import here "
@@ -118,12 +126,9 @@ def _dist_worker(rank, world, seed):
                          text_features=txt[rank * n:(rank + 1) * n], logit_scale=_scalar(9.0))
             local = {k: v.detach().requires_grad_() for k, v in local.items()}
             kw = dict(mode, rank=rank, world_size=world)
-            try:
-                found[f"ClipLoss {mode} {dtype}"] = side_by_side(
-                    ours.ClipLoss(**kw), open_clip_loss.ClipLoss(**kw), local, dtype,
-                    f"rank {rank}")
-            except AssertionError as exc:
-                found[f"ClipLoss {mode} {dtype}"] = {"error": str(exc)}
+            record_on_rank(found, f"ClipLoss {mode} {dtype}", lambda: side_by_side(
+                ours.ClipLoss(**kw), open_clip_loss.ClipLoss(**kw), local, dtype,
+                f"rank {rank} ClipLoss {mode}"))
         for impl in SIGLIP_MODES:
             img, txt = _features(world * n, 6, gen)
             local = dict(image_features=img[rank * n:(rank + 1) * n],
@@ -131,19 +136,13 @@ def _dist_worker(rank, world, seed):
                          logit_bias=_scalar(-2.0))
             local = {k: v.detach().requires_grad_() for k, v in local.items()}
             kw = dict(rank=rank, world_size=world, dist_impl=impl)
-            try:
-                found[f"SigLipLoss {impl} {dtype}"] = side_by_side(
-                    ours.SigLipLoss(**kw), open_clip_loss.SigLipLoss(**kw), local, dtype,
-                    f"rank {rank}")
-            except AssertionError as exc:
-                found[f"SigLipLoss {impl} {dtype}"] = {"error": str(exc)}
+            record_on_rank(found, f"SigLipLoss {impl} {dtype}", lambda: side_by_side(
+                ours.SigLipLoss(**kw), open_clip_loss.SigLipLoss(**kw), local, dtype,
+                f"rank {rank} SigLipLoss {impl}"))
     return found
 
 
 def test_distributed_modes_match_rank_by_rank():
     per_rank = run_on_gloo(_dist_worker, 2, seeded().initial_seed())
-    for rank, found in enumerate(per_rank):
-        assert "error" not in found, found.get("error")
-        assert len(found) == 2 * (len(CLIP_MODES) + len(SIGLIP_MODES))
-        for case, errs in found.items():
-            assert "error" not in errs, f"rank {rank} {case}: {errs['error']}"
+    assert_ranks_ok(per_rank)
+    assert all(len(found) == 2 * (len(CLIP_MODES) + len(SIGLIP_MODES)) for found in per_rank)

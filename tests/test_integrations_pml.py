@@ -9,7 +9,16 @@ import warnings
 
 import pytest
 import torch
-from helpers import logit_ulps, randn, rel_err, run_on_gloo, seeded, side_by_side
+from helpers import (
+    assert_ranks_ok,
+    logit_ulps,
+    randn,
+    record_on_rank,
+    rel_err,
+    run_on_gloo,
+    seeded,
+    side_by_side,
+)
 
 pml = pytest.importorskip("pytorch_metric_learning",
                           reason="pytorch-metric-learning not installed (extra 'pml')")
@@ -212,22 +221,15 @@ def _dist_worker(rank, world, seed):
             ours_fn, theirs_fn = _pair(name, kws[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                try:
-                    errs = side_by_side(pml_dist.DistributedLossWrapper(ours_fn, efficient),
-                                        pml_dist.DistributedLossWrapper(theirs_fn, efficient),
-                                        local, torch.float64, f"{name} efficient={efficient}")
-                except AssertionError as exc:
-                    errs = {"error": str(exc)}
-            found[f"{name} efficient={efficient}"] = errs
+                record_on_rank(found, f"{name} efficient={efficient}", lambda: side_by_side(
+                    pml_dist.DistributedLossWrapper(ours_fn, efficient),
+                    pml_dist.DistributedLossWrapper(theirs_fn, efficient), local,
+                    torch.float64, f"{name} efficient={efficient}"))
     return found
 
 
 def test_distributed_loss_wrapper():
-    per_rank = run_on_gloo(_dist_worker, 2, seeded().initial_seed())
-    for rank, found in enumerate(per_rank):
-        assert "error" not in found, found.get("error")
-        for case, errs in found.items():
-            assert "error" not in errs, f"rank {rank} {case}: {errs['error']}"
+    assert_ranks_ok(run_on_gloo(_dist_worker, 2, seeded().initial_seed()))
 
 
 # --------------------------------------------------------------------------------------------

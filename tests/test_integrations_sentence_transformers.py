@@ -12,7 +12,17 @@ import warnings
 
 import pytest
 import torch
-from helpers import logit_ulps, randn, rel_err, run_on_gloo, seeded, side_by_side
+from helpers import (
+    assert_ranks_ok,
+    assert_within,
+    logit_ulps,
+    randn,
+    record_on_rank,
+    rel_err,
+    run_on_gloo,
+    seeded,
+    side_by_side,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 st = pytest.importorskip("sentence_transformers",
@@ -82,7 +92,7 @@ def test_symmetric_and_fallbacks():
         pairs = [(ours.MultipleNegativesSymmetricRankingLoss(_NoModel(), scale=10.0),
                   st_losses.MultipleNegativesSymmetricRankingLoss(_NoModel(), scale=10.0))]
     side_by_side(_on_embeddings(pairs[0][0]), _on_embeddings(pairs[0][1]), emb, torch.float64,
-                 "symmetric")
+                 "MNRL symmetric")
     for kw in (dict(similarity_fct=st_util.manhattan_sim),
                dict(hardness_mode="in_batch_negatives", hardness_strength=5.0)):
         mine = ours.MultipleNegativesRankingLoss(_NoModel(), **kw)
@@ -135,8 +145,8 @@ def _loss_and_grads(model, loss, columns):
 def _assert_same_training_step(model, mine, theirs, columns, what, tol=1e-9):
     a, ga = _loss_and_grads(model, mine, columns)
     b, gb = _loss_and_grads(model, theirs, columns)
-    assert rel_err(a, b) <= tol, f"{what}: loss {float(a)} vs {float(b)}"
-    assert rel_err(ga, gb) <= tol, f"{what}: parameter gradients {rel_err(ga, gb):.2e}"
+    assert_within(rel_err(a, b), tol, f"{what} value (torch.float64)")
+    assert_within(rel_err(ga, gb), tol, f"{what} grad parameters (torch.float64)")
 
 
 @pytest.fixture(scope="module")
@@ -246,29 +256,20 @@ def _dist_worker(rank, world, seed):
             kw = dict(directions=directions, partition_mode=mode, gather_across_devices=True)
             mine = ours.MultipleNegativesRankingLoss(_NoModel(), **kw)
             theirs = st_losses.MultipleNegativesRankingLoss(_NoModel(), **kw)
-            try:
-                found[f"MNRL {mode} {directions} cols={columns}"] = side_by_side(
-                    _on_embeddings(mine), _on_embeddings(theirs), local, torch.float64,
-                    "gather")
-            except AssertionError as exc:
-                found[f"MNRL {mode} {directions} cols={columns}"] = {"error": str(exc)}
+            record_on_rank(found, f"MNRL {mode} {directions} cols={columns}", lambda: side_by_side(
+                _on_embeddings(mine), _on_embeddings(theirs), local, torch.float64,
+                f"rank {rank} MNRL gather {mode} {directions} cols={columns}"))
     model = _model()
     for columns in (2, 3):
         full = _gist_inputs(world * b, 6, columns, gen)
         local = {k: v[rank * b:(rank + 1) * b].detach().requires_grad_(v.requires_grad)
                  for k, v in full.items()}
         mine, theirs = _gist_pair(model, model, dict(margin=0.05), gather=True)
-        try:
-            found[f"GIST cols={columns}"] = side_by_side(
-                *_gist_fns(model, mine, theirs, columns), local, torch.float64, "GIST gather")
-        except AssertionError as exc:
-            found[f"GIST cols={columns}"] = {"error": str(exc)}
+        record_on_rank(found, f"GIST cols={columns}", lambda: side_by_side(
+            *_gist_fns(model, mine, theirs, columns), local, torch.float64,
+            f"rank {rank} GIST gather cols={columns}"))
     return found
 
 
 def test_gather_across_devices():
-    per_rank = run_on_gloo(_dist_worker, 2, seeded().initial_seed())
-    for rank, found in enumerate(per_rank):
-        assert "error" not in found, found.get("error")
-        for case, errs in found.items():
-            assert "error" not in errs, f"rank {rank} {case}: {errs['error']}"
+    assert_ranks_ok(run_on_gloo(_dist_worker, 2, seeded().initial_seed()))

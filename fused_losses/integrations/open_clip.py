@@ -65,7 +65,17 @@ def _as_scalar(v):
 
 
 class _Distributed(nn.Module):
-    """Rank, world size and group handling shared by both losses."""
+    """What both losses share: OpenCLIP's forward, and rank / world size / group handling."""
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None,
+                output_dict=False):
+        if logit_bias is not None and not _is_scalar(logit_bias):
+            warn_fallback(self, "a non-scalar logit_bias is not fused")
+            loss = self._dense(image_features, text_features, logit_scale, logit_bias)
+        else:
+            bias = None if logit_bias is None else _as_scalar(logit_bias)
+            loss = self._fused(image_features, text_features, _as_scalar(logit_scale), bias)
+        return {"contrastive_loss": loss} if output_dict else loss
 
     def _group(self):
         return self.process_group if self.process_group is not None else dist.group.WORLD
@@ -159,7 +169,14 @@ class ClipLoss(_Distributed):
             labels = torch.arange(off, off + per_image.shape[0], device=per_image.device)
         return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
 
-    def _fused(self, img, txt, scale):
+    def _fused(self, img, txt, scale, bias):
+        loss = self._fused_clip(img, txt, scale)
+        if isinstance(bias, torch.Tensor) and bias.requires_grad:
+            # A scalar bias shifts whole softmax rows: no effect, gradient exactly 0.
+            loss = loss + 0.0 * bias
+        return loss
+
+    def _fused_clip(self, img, txt, scale):
         opts = dict(normalize=False, backend=self.fused_backend)
         if self.world_size == 1:
             return FL.clip_loss(img, txt, scale, **opts)
@@ -183,18 +200,6 @@ class ClipLoss(_Distributed):
         row = FL.info_nce(img, all_txt, logit_scale=scale, labels=own, key_labels=every, **opts)
         col = FL.info_nce(txt, all_img, logit_scale=scale, labels=own, key_labels=every, **opts)
         return (row + col) / 2
-
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None,
-                output_dict=False):
-        if logit_bias is not None and not _is_scalar(logit_bias):
-            warn_fallback(self, "a non-scalar logit_bias is not fused")
-            loss = self._dense(image_features, text_features, logit_scale, logit_bias)
-        else:
-            loss = self._fused(image_features, text_features, _as_scalar(logit_scale))
-            if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
-                # A scalar bias shifts whole softmax rows: no effect, gradient exactly 0.
-                loss = loss + 0.0 * logit_bias.sum()
-        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class SigLipLoss(_Distributed):
@@ -247,20 +252,11 @@ class SigLipLoss(_Distributed):
                 start += n
         return loss
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None,
-                output_dict=False):
-        if logit_bias is not None and not _is_scalar(logit_bias):
-            warn_fallback(self, "a non-scalar logit_bias is not fused")
-            loss = self._dense(image_features, text_features, logit_scale, logit_bias)
-        else:
-            scale = _as_scalar(logit_scale)
-            bias = 0.0 if logit_bias is None else _as_scalar(logit_bias)
-            opts = dict(normalize=False, backend=self.fused_backend)
-            if self.world_size == 1:
-                loss = FL.siglip_loss(image_features, text_features, scale, bias, **opts)
-            else:
-                per_image = FL.siglip_loss(image_features, text_features, scale, bias,
-                                           reduction="none", process_group=self._group(),
-                                           **opts)
-                loss = per_image.sum() / image_features.shape[0]
-        return {"contrastive_loss": loss} if output_dict else loss
+    def _fused(self, img, txt, scale, bias):
+        bias = 0.0 if bias is None else bias
+        opts = dict(normalize=False, backend=self.fused_backend)
+        if self.world_size == 1:
+            return FL.siglip_loss(img, txt, scale, bias, **opts)
+        per_image = FL.siglip_loss(img, txt, scale, bias, reduction="none",
+                                   process_group=self._group(), **opts)
+        return per_image.sum() / img.shape[0]
