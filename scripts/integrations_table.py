@@ -108,7 +108,7 @@ elif case in ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLos
         from fused_losses.integrations import sentence_transformers as lib
     else:
         from sentence_transformers.sentence_transformer import losses as lib
-    f = getattr(lib, case)(torch.nn.Module())
+    f = getattr(lib, case)(torch.nn.Sequential(torch.nn.Identity()))  # a model stand-in
     q, p = leaf(n, d), leaf(n, d)
     if case.startswith("Cached"):  # the loss stage of GradCache: embeddings in, gradients out
         run = lambda: f.calculate_loss([[q], [p]], None, with_backward=True)

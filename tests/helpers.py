@@ -311,16 +311,16 @@ def side_by_side(ours, theirs, inputs: dict, dtype: torch.dtype, what: str,
     every floating tensor of ``inputs`` that requires grad becomes a fresh leaf on each side.
     Asserts the value and every gradient within ``tol`` (default SPEC §7's ``tol_for(dtype)``)
     of the library's float64 result, and at least the error that the precision leaves to any
-    code, measured as the core tests measure it (SPEC §7's rule for low precision, applied to
-    every non-fp64 dtype): twice the error of a plain run in ``dtype``, four times the worst of
-    8 runs on inputs moved by one ulp of ``dtype`` (one run alone can be luckily accurate), of
-    the library and of this package's own formulation run eagerly (``auto_is_reference``;
-    below fp64 only).  So a quantity that fp32 cannot give to 1e-5 (a loss of 1e-6 made of
-    log(1 + tiny); the gradient p − 1 of a softmax whose positive has p ≈ 1, which a stored
-    row log-sum-exp keeps only to an ulp of the largest logit) is held to what the precision
-    allows.  ``floor=False``: ``theirs`` has state (a memory queue) and runs once.
-    ``value_atol``: the value also passes within this absolute error, for losses that are a
-    difference of two logits (:func:`logit_ulps`).  Returns the relative errors and bounds."""
+    code, measured as the core tests measure it (SPEC §7's rule for low precision): twice the
+    error of a plain run in ``dtype`` (below fp64), four times the worst of 8 runs on inputs
+    moved by one ulp of ``dtype`` (one run alone can be luckily accurate), of the library and
+    of this package's own formulation run eagerly (``auto_is_reference``).  So a quantity that
+    the precision cannot give to the SPEC's tolerance (a loss of 1e-6 made of log(1 + tiny);
+    the gradient p − 1 of a softmax whose positive has p ≈ 1, which a stored row log-sum-exp
+    keeps only to an ulp of the largest logit) is held to what the precision allows.
+    ``floor=False``: ``theirs`` has state (a memory queue) and runs once.  ``value_atol``: the
+    value also passes within this absolute error, for losses that are a difference of two
+    logits (:func:`logit_ulps`).  Returns the relative errors and bounds."""
     tol = tol_for(dtype) if tol is None else tol
     out, grads = _outputs_and_grads(ours, inputs, dtype)
     expected, want = _outputs_and_grads(theirs, inputs, torch.float64)
@@ -334,7 +334,7 @@ def side_by_side(ours, theirs, inputs: dict, dtype: torch.dtype, what: str,
 
     gen = torch.Generator().manual_seed(len(what))
     runs = ([] if dtype == torch.float64 else [(None, 2.0)]) + [(gen, 4.0)] * 8
-    formulations = [theirs] + ([] if dtype == torch.float64 else [eager_ours])
+    formulations = [theirs, eager_ours]
     for fn in formulations if floor else ():
         for move, factor in runs:
             try:

@@ -28,7 +28,14 @@ open_clip_loss = pytest.importorskip(
 from fused_losses.integrations import open_clip as ours  # noqa: E402
 
 DTYPES = [torch.float64, torch.float32]
-SHAPES = [(1, 3), (2, 1), (17, 8), (40, 100)]
+# No D=1, and no extreme scale with N <= 2: a softmax (sigmoid) saturated over one or two
+# columns makes the scale (bias) gradient a sum of terms that cancel to ~1e-40, which no order of
+# summation computes to any relative precision.
+SHAPES = [(1, 3), (2, 2), (17, 8), (40, 100)]
+
+
+def _moderate(n, settings):
+    return settings[:2] if n <= 2 else settings
 
 
 def _features(n, d, gen):
@@ -46,7 +53,7 @@ def _scalar(v):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_clip_loss_matches(shape, dtype):
     gen = seeded()
-    for scale in (1.0, 14.3, 100.0):
+    for scale in _moderate(shape[0], (1.0, 14.3, 100.0)):
         img, txt = _features(*shape, gen)
         inp = dict(image_features=img, text_features=txt, logit_scale=_scalar(scale))
         side_by_side(ours.ClipLoss(), open_clip_loss.ClipLoss(), inp, dtype,
@@ -54,12 +61,10 @@ def test_clip_loss_matches(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 3), (2, 2), (17, 8), (40, 100)], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_siglip_loss_matches(shape, dtype):
-    """(D=1 is left out: with ±1 features the bias gradient is a sum of ±1 terms that cancel
-    down to ~1e-12, a difference that no summation order computes to a relative 1e-10.)"""
     gen = seeded()
-    for scale, bias in ((10.0, -10.0), (1.0, 0.0), (30.0, -3.0)):
+    for scale, bias in _moderate(shape[0], ((1.0, 0.0), (10.0, -10.0), (30.0, -3.0))):
         img, txt = _features(*shape, gen)
         inp = dict(image_features=img, text_features=txt, logit_scale=_scalar(scale),
                    logit_bias=_scalar(bias))

@@ -252,23 +252,38 @@ class MultiSimilarityMiner(_miners.MultiSimilarityMiner):
         r = x if exclude_diag else (F.normalize(ref_emb, p=2, dim=1) if normalize else ref_emb)
         codes, ref_codes = _codes(labels, ref_labels)
         n_pos, n_neg = _pair_counts(codes, ref_codes, ref_labels is labels)
-        empty = torch.empty(0, dtype=torch.long, device=labels.device)
-        found = [[], [], [], []]
+        # Two passes over the row blocks: count the kept pairs, then write them into lists of
+        # exactly that size (the lists are the miner's output, O(#pairs): on untrained
+        # embeddings nearly every negative pair is "hard").
+        found = [torch.empty(0, dtype=torch.long, device=labels.device) for _ in range(4)]
         if n_pos > 0 and n_neg > 0:
             m = r.shape[0]
             spec = TorchBlockKernels(block=max(1, _MINE_BLOCK_ELEMENTS // max(m, 1)))
             eps = float(self.epsilon)
             min_pos, max_neg = spec.ms_mine(x, r, codes, ref_codes, 0, exclude_diag)
             cols = torch.arange(m, device=x.device)
-            for a, b, rows in spec._blocks(x.shape[0], x.device):
-                s = x[a:b].to(acc_dtype(x.dtype)) @ r.to(acc_dtype(x.dtype)).T
-                kp, kn = spec._ms_kept(s, a, b, rows, cols, codes, ref_codes, 0, exclude_diag,
-                                       eps, min_pos, max_neg)
-                for k, kept in ((0, kp), (2, kn)):
-                    i, j = kept.nonzero(as_tuple=True)
-                    found[k].append(i + a)
-                    found[k + 1].append(j)
-        out = _MinedPairs(torch.cat(f) if f else empty.clone() for f in found)
+            acc = acc_dtype(x.dtype)
+
+            def kept_blocks():
+                for a, b, rows in spec._blocks(x.shape[0], x.device):
+                    s = x[a:b].to(acc) @ r.to(acc).T
+                    yield a, spec._ms_kept(s, a, b, rows, cols, codes, ref_codes, 0,
+                                           exclude_diag, eps, min_pos, max_neg)
+
+            sizes = [0, 0]
+            for _, kept in kept_blocks():
+                sizes[0] += int(kept[0].sum())
+                sizes[1] += int(kept[1].sum())
+            found = [torch.empty(sizes[k // 2], dtype=torch.long, device=labels.device)
+                     for k in range(4)]
+            at = [0, 0]
+            for a, kept in kept_blocks():
+                for k in (0, 1):
+                    i, j = kept[k].nonzero(as_tuple=True)
+                    found[2 * k][at[k]:at[k] + len(i)] = i + a
+                    found[2 * k + 1][at[k]:at[k] + len(i)] = j
+                    at[k] += len(i)
+        out = _MinedPairs(found)
         out.fused_ms_mining = dict(epsilon=float(self.epsilon), embeddings=embeddings,
                                    ref_emb=ref_emb, labels=labels, ref_labels=ref_labels,
                                    normalize=normalize)
