@@ -130,6 +130,14 @@ class _Fused:
             return self.zero_losses()
         return compute(x, r, codes, ref_codes, exclude_self, n_pos, n_neg)
 
+    def _info_nce(self, x, r, codes, ref_codes, exclude_self, decoupled=False):
+        """Per-anchor InfoNCE with pml's positives (same label; self dropped when
+        ``exclude_self``) at this loss's temperature."""
+        return FL.info_nce(
+            x, x if exclude_self else r, temperature=self.temperature, labels=codes,
+            key_labels=None if exclude_self else ref_codes, exclude_diagonal=exclude_self,
+            decoupled=decoupled, normalize=False, reduction="none", backend=self.fused_backend)
+
     @staticmethod
     def _element(losses):
         return {"loss": {"losses": losses, "indices": _c_f.torch_arange_from_size(losses),
@@ -185,11 +193,8 @@ class SupConLoss(_Fused, _losses.SupConLoss):
         def compute(x, r, codes, ref_codes, exclude_self, n_pos, n_neg):
             if n_pos == 0 or n_neg == 0:
                 return self.zero_losses()
-            losses = FL.info_nce(
-                x, x if exclude_self else r, temperature=self.temperature, labels=codes,
-                key_labels=None if exclude_self else ref_codes, exclude_diagonal=exclude_self,
-                normalize=False, reduction="none", backend=self.fused_backend)
-            return self._element(losses.to(x.dtype))
+            return self._element(self._info_nce(x, r, codes, ref_codes, exclude_self)
+                                 .to(x.dtype))
 
         return self._run(compute, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
@@ -210,10 +215,7 @@ class NTXentLoss(_Fused, _losses.NTXentLoss):
                 return self.zero_losses()
             a1, p, same = _positive_pairs(codes, ref_codes, exclude_self)
             # loss_a = LSE_{negatives} z − mean_{positives} z (DCL's candidates: no positives)
-            out = FL.info_nce(
-                x, x if exclude_self else r, temperature=self.temperature, labels=codes,
-                key_labels=None if exclude_self else ref_codes, exclude_diagonal=exclude_self,
-                decoupled=True, normalize=False, reduction="none", backend=self.fused_backend)
+            out = self._info_nce(x, r, codes, ref_codes, exclude_self, decoupled=True)
             acc = out.dtype
             z = (x[a1].to(acc) * r[p].to(acc)).sum(1) / self.temperature
             n_pos_a = same - (1 if exclude_self else 0)
