@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench lint cuda-check clean
+.PHONY: test bench lint cuda-check clean test-integrations
 
 # Re-install (and so rebuild the extension) when the build files or any C++/CUDA source change.
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc \
@@ -20,6 +20,9 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp 
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q "triton>=3.0" numpy setuptools wheel ninja
 	$(PIP) install -q --no-build-isolation -e ".[test,bench,triton]"
+	# OpenCLIP for the bench's peer, without its dependencies (torchvision would replace torch):
+	# the bench loads its loss.py alone when the package does not import (torch 2.13 here).
+	$(PIP) install -q --no-deps "open_clip_torch>=2.20"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -36,6 +39,26 @@ bench: $(STAMP)
 
 cuda-check:
 	bash scripts/check_cuda_compile.sh
+
+# The drop-in tests whose libraries import torchvision (OpenCLIP, lightly), in a second venv:
+# torch 2.14.1 + torchvision 0.29.1 (a CUDA build, from local disk, ~5.5 GB; runs on the CPU).
+# The pml / GeomLoss / sentence-transformers drop-in tests run in `make test` (torch 2.13).
+# No extension is built there (setup.py's C++17 flag cannot compile torch 2.14's headers);
+# the in-tree one `make test` built loads with 2.14.1 here, else "auto" runs the reference.
+VENV_CU ?= .venv-cu
+CU_STAMP := $(VENV_CU)/.installed
+INTEGRATION_TESTS ?= tests/test_integrations_open_clip.py tests/test_integrations_lightly.py
+
+$(CU_STAMP): setup.py pyproject.toml
+	test -x $(VENV_CU)/bin/python || $(PYTHON) -m venv $(VENV_CU)
+	$(VENV_CU)/bin/python -m pip install -q --upgrade pip
+	$(VENV_CU)/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" numpy setuptools wheel
+	FUSED_LOSSES_CPU_EXT=0 FUSED_LOSSES_CUDA=0 $(VENV_CU)/bin/python -m pip install -q \
+		--no-build-isolation -e ".[open_clip,lightly]" "pytest>=8"
+	touch $(CU_STAMP)
+
+test-integrations: $(CU_STAMP)
+	$(VENV_CU)/bin/python -m pytest -q -ra -p no:cacheprovider $(INTEGRATION_TESTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fused_losses/*.so

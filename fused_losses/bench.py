@@ -186,18 +186,32 @@ def _streamed_bytes(rows: int, cols: int, d: int) -> float:
     return 4.0 * (rows + cols) * d * 4 + 64e6
 
 
-def _open_clip_clip(inp: Inputs):
-    from open_clip.loss import ClipLoss
+def _open_clip_loss():
+    """OpenCLIP's loss module.  ``import open_clip`` imports torchvision, which does not import
+    beside every torch build (e.g. the CPU torch 2.13 wheel); its loss.py alone needs only torch,
+    so when the package is installed but does not import, that file is loaded by itself: the
+    peer is still OpenCLIP's own code (``pip install --no-deps open_clip_torch`` suffices)."""
+    try:
+        return importlib.import_module("open_clip.loss")
+    except ImportError:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+        loss_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+        module = importlib.util.module_from_spec(loss_spec)
+        loss_spec.loader.exec_module(module)
+        return module
 
-    loss_fn = ClipLoss()
+
+def _open_clip_clip(inp: Inputs):
+    loss_fn = _open_clip_loss().ClipLoss()
     return lambda: loss_fn(torch.nn.functional.normalize(inp.x, dim=-1),
                            torch.nn.functional.normalize(inp.y, dim=-1), CLIP_LOGIT_SCALE)
 
 
 def _open_clip_siglip(inp: Inputs):
-    from open_clip.loss import SigLipLoss
-
-    loss_fn = SigLipLoss()
+    loss_fn = _open_clip_loss().SigLipLoss()
     return lambda: loss_fn(torch.nn.functional.normalize(inp.x, dim=-1),
                            torch.nn.functional.normalize(inp.y, dim=-1),
                            SIGLIP_LOGIT_SCALE, SIGLIP_LOGIT_BIAS)

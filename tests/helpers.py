@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -206,3 +207,166 @@ def kernel_inputs(dtype: torch.dtype, d: int, *tensors: torch.Tensor):
     if dtype in LOW_PRECISION and d > 1:
         return False, tuple(unit_rows(t) for t in tensors)
     return d > 1, tensors
+
+
+# --------------------------------------------------------------------------------------------
+# multi-process runs on gloo (CPU)
+
+
+def _gloo_entry(rank, world, init_file, out_dir, worker, args):
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        found = worker(rank, world, *args)
+        # No rank tears gloo down while another still talks to it (an early exit can abort the
+        # other rank: "terminate called without an active exception").
+        dist.barrier()
+    except Exception:
+        found = {"error": traceback.format_exc(limit=8)}
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(found, f)
+        dist.destroy_process_group()
+
+
+def run_on_gloo(worker, world: int, *args) -> list:
+    """Run ``worker(rank, world, *args)`` in ``world`` spawned processes joined in a gloo group
+    (the default group; file rendezvous) and return what each returned (JSON-serializable), in
+    rank order.  An exception in a worker comes back as ``{"error": traceback}``.  ``worker``
+    must be a module-level function (it is pickled by reference)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_entry, args=(world, os.path.join(tmp, "rendezvous"), tmp, worker, args),
+                 nprocs=world, join=True)
+        out = []
+        for r in range(world):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                out.append(json.load(f))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# side-by-side comparison with another library (tests/test_integrations_*.py)
+
+
+def logit_ulps(dtype: torch.dtype, max_logit: float) -> float:
+    """A few ulps of a logit of size ``max_logit``: the absolute rounding error of a loss that
+    is a difference of logits (``LSE − positive``): a loss of 1e-6 made of two logits of 20
+    cannot be computed to a relative 1e-10 in fp64, nor one of 1e-4 to 1e-5 in fp32.  The
+    ``value_atol`` of :func:`side_by_side` for such losses."""
+    return 4 * torch.finfo(dtype).eps * max(float(max_logit), 1.0)
+
+
+@contextlib.contextmanager
+def auto_is_reference():
+    """Within: ``backend="auto"`` runs the reference backend (the eager formulation of every
+    op), so a drop-in's own formulation can be run eagerly in a given precision."""
+    from fused_losses import _dispatch, distributed, functional, ot
+
+    modules = (functional, ot, distributed)
+    saved = [m.resolve for m in modules]
+
+    def resolve(op, backend, tensors):
+        return _dispatch.resolve(op, "reference" if backend == "auto" else backend, tensors)
+
+    for m in modules:
+        m.resolve = resolve
+    try:
+        yield
+    finally:
+        for m, r in zip(modules, saved):
+            m.resolve = r
+
+
+def _outputs_and_grads(fn, inputs: dict, as_dtype: torch.dtype, move_gen=None):
+    """``fn(**inputs)`` on fresh leaves in ``as_dtype`` (moved by an ulp when ``move_gen``), and
+    the gradients of its sum w.r.t. every floating input that requires grad (zeros if unused)."""
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            t = v.detach().to(as_dtype)
+            if move_gen is not None:
+                t = moved_by_an_ulp(t, move_gen)
+            v = t.requires_grad_(v.requires_grad)
+        leaves[k] = v
+    out = fn(**leaves)
+    names = [k for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    grads = {}
+    if names:
+        got = torch.autograd.grad(out.sum(), [leaves[k] for k in names], allow_unused=True)
+        grads = {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, got)}
+    return out, grads
+
+
+def side_by_side(ours, theirs, inputs: dict, dtype: torch.dtype, what: str,
+                 tol: float | None = None, floor: bool = True,
+                 value_atol: float = 0.0) -> dict:
+    """``ours(**inputs in dtype)`` against ``theirs(**inputs in float64)``, the library's answer:
+    every floating tensor of ``inputs`` that requires grad becomes a fresh leaf on each side.
+    Asserts the value and every gradient within ``tol`` (default SPEC §7's ``tol_for(dtype)``)
+    of the library's float64 result, and at least the error that the precision leaves to any
+    code, measured as the core tests measure it (SPEC §7's rule for low precision): twice the
+    error of a plain run in ``dtype`` (below fp64), four times the worst of 8 runs on inputs
+    moved by one ulp of ``dtype`` (one run alone can be luckily accurate), of the library and
+    of this package's own formulation run eagerly (``auto_is_reference``).  So a quantity that
+    the precision cannot give to the SPEC's tolerance (a loss of 1e-6 made of log(1 + tiny);
+    the gradient p − 1 of a softmax whose positive has p ≈ 1, which a stored row log-sum-exp
+    keeps only to an ulp of the largest logit) is held to what the precision allows.
+    ``floor=False``: ``theirs`` has state (a memory queue) and runs once.  ``value_atol``: the
+    value also passes within this absolute error, for losses that are a difference of two
+    logits (:func:`logit_ulps`).  Returns the relative errors and bounds."""
+    tol = tol_for(dtype) if tol is None else tol
+    out, grads = _outputs_and_grads(ours, inputs, dtype)
+    expected, want = _outputs_and_grads(theirs, inputs, torch.float64)
+    errs = {"value": rel_err(out, expected)}
+    errs.update({f"grad {k}": rel_err(grads[k], want[k]) for k in want})
+    bounds = dict.fromkeys(errs, tol)
+
+    def eager_ours(**kw):
+        with auto_is_reference():
+            return ours(**kw)
+
+    gen = torch.Generator().manual_seed(len(what))
+    runs = ([] if dtype == torch.float64 else [(None, 2.0)]) + [(gen, 4.0)] * 8
+    formulations = [theirs, eager_ours]
+    for fn in formulations if floor else ():
+        for move, factor in runs:
+            try:
+                lib, lib_grads = _outputs_and_grads(fn, inputs, dtype, move)
+            except (RuntimeError, TypeError):  # the library does not run in this dtype
+                break
+            floor_errs = {"value": rel_err(lib, expected)}
+            floor_errs.update({f"grad {k}": rel_err(lib_grads[k], want[k]) for k in want})
+            for k, v in floor_errs.items():
+                bounds[k] = max(bounds[k], factor * v)
+    value_ok = float((out.detach().double() - expected.detach().double()).abs().max()) \
+        <= value_atol
+    for k, err in errs.items():
+        assert_within(err, bounds[k], f"{what} {k} ({dtype})", exempt=(k == "value" and value_ok))
+    return {"errors": errs, "bounds": bounds}
+
+
+def record_on_rank(found: dict, key: str, compare) -> None:
+    """In a gloo worker: ``found[key] = compare()``, or ``{"error": message}`` when it fails, so
+    that a failing comparison does not leave the other ranks waiting in a collective."""
+    try:
+        found[key] = compare()
+    except AssertionError as exc:
+        found[key] = {"error": str(exc)}
+
+
+def assert_ranks_ok(per_rank: list) -> None:
+    """Every rank ran (no exception) and every comparison it recorded passed."""
+    for rank, found in enumerate(per_rank):
+        assert "error" not in found, found.get("error")
+        for case, result in found.items():
+            assert "error" not in result, f"rank {rank} {case}: {result['error']}"

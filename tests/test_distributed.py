@@ -13,10 +13,6 @@ divided by the world size, the single-process gradient.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import tempfile
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,8 +20,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import TOL, backends_under_test, leaf64, seeded, supports
+from helpers import TOL, backends_under_test, leaf64, run_on_gloo, seeded, supports
 
 import fused_losses as fl
 from fused_losses import _dispatch
@@ -360,30 +355,22 @@ def _case_ids(backends):
     return ids + [f"reference/{n}/mean" for n in GRAD_CACHE_CASES + ERROR_CASES]
 
 
-def _worker(rank, world, init_file, out_dir, backends, seed):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+def _worker(rank, world, backends, seed):
     pg = dist.new_group(list(range(world)))  # an explicit group, not only WORLD
     found = {}
-    try:
-        by_name = {c.name: c for c in CASES}
-        for cid in _case_ids(backends):
-            backend, name, red = cid.split("/")
-            try:
-                if name == "empty_global_batch":
-                    found[cid] = _empty_global_batch(pg)
-                elif name in GRAD_CACHE_CASES:
-                    found[cid] = _grad_cache_case(name, pg, rank, world, seed)
-                else:
-                    found[cid] = _run_case(by_name[name], backend, red, pg, rank, world, seed)
-            except Exception:
-                found[cid] = {"error": traceback.format_exc(limit=6)}
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(found, f)
-        dist.barrier()  # no rank tears gloo down while another still uses it
-        dist.destroy_process_group()
+    by_name = {c.name: c for c in CASES}
+    for cid in _case_ids(backends):
+        backend, name, red = cid.split("/")
+        try:
+            if name == "empty_global_batch":
+                found[cid] = _empty_global_batch(pg)
+            elif name in GRAD_CACHE_CASES:
+                found[cid] = _grad_cache_case(name, pg, rank, world, seed)
+            else:
+                found[cid] = _run_case(by_name[name], backend, red, pg, rank, world, seed)
+        except Exception:
+            found[cid] = {"error": traceback.format_exc(limit=6)}
+    return found
 
 
 BACKENDS = ["reference"] + [b for b in backends_under_test() if b != "reference"]
@@ -393,15 +380,7 @@ _RESULTS: dict[int, tuple[int, list[dict]]] = {}
 def _results(world):
     if world not in _RESULTS:
         seed = seeded().initial_seed()
-        with tempfile.TemporaryDirectory() as tmp:
-            init_file = os.path.join(tmp, "rendezvous")
-            mp.spawn(_worker, args=(world, init_file, tmp, BACKENDS, seed), nprocs=world,
-                     join=True)
-            per_rank = []
-            for r in range(world):
-                with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                    per_rank.append(json.load(f))
-        _RESULTS[world] = (seed, per_rank)
+        _RESULTS[world] = (seed, run_on_gloo(_worker, world, BACKENDS, seed))
     return _RESULTS[world]
 
 
