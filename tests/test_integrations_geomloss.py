@@ -38,11 +38,6 @@ def _weights(shape, gen, column=False):
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())
                          or "defaults")
 def test_matches_geomloss(kw, dtype):
-    if kw.get("p") == 1 and dtype == torch.float32:
-        # p=1 in fp32 is the kernels' business (tests/test_sinkhorn.py::test_fp32_matches_
-        # geomloss): over fresh seeds the cpu backend's p=1 fp32 gradients reach 2.4e-4 on
-        # small batched clouds where the reference backend's stay below 2e-5 (reported).
-        pytest.skip("p=1 fp32: kernel accuracy, tested in test_sinkhorn.py")
     gen = seeded()
     tol = 1e-10 if dtype == torch.float64 else 1e-4  # SPEC §4: 1e-4 against GeomLoss in fp32
     ours, theirs = SamplesLoss(**kw), _theirs(**kw)
