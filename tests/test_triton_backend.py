@@ -20,9 +20,10 @@ DEVICE = device_for("triton")
 
 
 def _tb():
-    from fused_losses.backends import triton as triton_backend
+    """The launchers module: the DETERMINISTIC switch and the launch functions live there."""
+    from fused_losses.backends.triton import launchers
 
-    return triton_backend
+    return launchers
 
 
 @pytest.fixture(params=[False, True], ids=["fused", "deterministic"])
