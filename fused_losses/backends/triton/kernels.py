@@ -19,6 +19,22 @@ of the tile:
   (``_smm_fwd_rows`` flash-attention style, ``_smm_grad_rows`` for dx/dy, ``_smm_dv_rows``),
   which also carries Sinkhorn's gradient and transport application (fused.py), and top-k.
 
+What is compiled in and what is not (scripts/triton_check.py compiles every combination):
+
+- ``tl.constexpr``: the tile shapes, the orientation ``TRANSPOSED`` and ``ALLOW_TF32``.
+- Every other flag (labels, bias, exclusions, column terms, mining, row selection) is a
+  runtime ``bool`` (Triton does not specialize bools): a uniform branch or a select on the
+  GPU, and one compiled kernel for all the combinations a loss can ask for.
+- Sizes and offsets are not specialized (``do_not_specialize``): a batch of 17 rows and one of
+  16 run the same binary.  The launchers pass row strides that are multiples of 16 and 16-byte
+  aligned pointers (padding D when needed), so those attributes never vary either.
+
+Precision of the dots: the similarity tile multiplies the inputs (bf16/fp16 on tensor cores;
+fp32 exactly, by FMA, unless ``ALLOW_TF32``).  The products with an fp32 left operand (dZ·B,
+P·V, g·vᵀ) use TF32 tensor cores when ``ALLOW_TF32``: the launchers set it for 16-bit inputs
+(a 10-bit mantissa for dZ instead of the 8 bits a bf16 dZ would keep) and for fp32 inputs only
+when ``torch.backends.cuda.matmul.allow_tf32`` is on.
+
 Imported only when triton is importable (``__init__``)."""
 
 from __future__ import annotations
@@ -26,40 +42,56 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Sizes, offsets and counts: bounds only, never specialized (see the module docstring).
+_SIZES = ("n", "m", "d", "e", "k", "n_a", "n_b", "n_i", "n_j", "n_keys", "offset", "n_sel")
+
+
+def _kernel(fn):
+    """``triton.jit`` with every size-like argument of ``fn`` left unspecialized."""
+    import inspect
+
+    names = [p for p in inspect.signature(fn).parameters if p in _SIZES]
+    return triton.jit(fn, do_not_specialize=names)
+
 
 @triton.jit
-def _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED: tl.constexpr,
-               HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr, EXCL: tl.constexpr,
-               DECOUPLED: tl.constexpr):
+def _pair_mask(rows, cols, lab_ptr, klab_ptr, n_q, n_keys, offset, TRANSPOSED: tl.constexpr,
+               has_labels, no_pos, excl, decoupled):
     """(pos, cand) of the tile rows × cols, for the pairs (i, j) of the original problem
-    (query i, key j): (rows, cols) = (i, j), or (j, i) when TRANSPOSED."""
+    (query i < n_q, key j): (rows, cols) = (i, j), or (j, i) when TRANSPOSED.  The flags are
+    runtime scalars; without labels the label loads are masked off (the pointers are dummies)."""
     if TRANSPOSED:
         i = cols[None, :]
         j = rows[:, None]
+        li = tl.load(lab_ptr + cols, mask=(cols < n_q) & has_labels, other=-1)[None, :]
+        lj = tl.load(klab_ptr + rows, mask=(rows < n_keys) & has_labels, other=-2)[:, None]
     else:
         i = rows[:, None]
         j = cols[None, :]
+        li = tl.load(lab_ptr + rows, mask=(rows < n_q) & has_labels, other=-1)[:, None]
+        lj = tl.load(klab_ptr + cols, mask=(cols < n_keys) & has_labels, other=-2)[None, :]
     is_key = j < n_keys
     diag = (j == i + offset) & is_key
-    if NO_POS:
-        pos = diag & False
-    elif HAS_LABELS:
-        if TRANSPOSED:
-            li = tl.load(lab_ptr + cols, mask=cols >= 0, other=-1)[None, :]
-            lj = tl.load(klab_ptr + rows, mask=rows < n_keys, other=-2)[:, None]
-        else:
-            li = tl.load(lab_ptr + rows, mask=rows >= 0, other=-1)[:, None]
-            lj = tl.load(klab_ptr + cols, mask=cols < n_keys, other=-2)[None, :]
-        pos = (li == lj) & is_key
-    else:
-        pos = diag
-    cand = diag | True
-    if EXCL:
-        pos = pos & (diag == 0)
-        cand = diag == 0
-    if DECOUPLED:
-        cand = cand & (pos == 0)
+    pos = tl.where(has_labels, (li == lj) & is_key, diag) & (no_pos == 0)
+    cand = (diag & excl) == 0  # all pairs, or all but the diagonal
+    pos = pos & cand
+    cand = cand & ((pos & decoupled) == 0)
     return pos, cand
+
+
+@triton.jit
+def _tf32(x, ALLOW_TF32: tl.constexpr):
+    """An fp32 operand of a TF32 dot rounded to TF32 (10 mantissa bits, to nearest, ties away
+    from zero, as cvt.rna; NaN kept): the tensor cores would just ignore its 13 low bits, a
+    truncation biased toward zero that doubles the error.  Other dtypes, or ALLOW_TF32 off:
+    unchanged."""
+    if ALLOW_TF32:
+        if x.dtype == tl.float32:
+            bits = x.to(tl.int32, bitcast=True)
+            r = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = 0xFFFFE000
+            x = tl.where(x == x, r, x)
+    return x
+
 
 @triton.jit
 def _sim_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
@@ -73,8 +105,10 @@ def _sim_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
                     mask=(rows[:, None] < n_a) & (ks[None, :] < d), other=0.0)
         b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :],
                     mask=(cols[:, None] < n_b) & (ks[None, :] < d), other=0.0)
-        acc += tl.dot(a, tl.trans(b), allow_tf32=ALLOW_TF32)
+        acc += tl.dot(_tf32(a, ALLOW_TF32), tl.trans(_tf32(b, ALLOW_TF32)),
+                      allow_tf32=ALLOW_TF32)
     return acc
+
 
 @triton.jit
 def _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
@@ -92,52 +126,57 @@ def _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
                       BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
     return s
 
+
 @triton.jit
-def _online_lse_step(m_i, l_i, nan, zc, keep):
+def _online_lse_step(m_i, l_i, zc, keep):
     """One tile of the row-wise online logsumexp over the kept entries of zc (−inf
-    elsewhere).  tl.max skips NaN, so NaN is tracked apart and propagates instead of a row
-    looking empty; masked entries select 0 (never exp(−inf)·0, never inf·0).  Returns the
-    new (max, sum, nan) and the tile's (rescale of the old sum, probabilities)."""
-    nan = tl.maximum(nan, tl.max(tl.where(zc != zc, 1.0, 0.0), 1))
+    elsewhere).  Masked entries select 0 (never exp(−inf)·0, never inf·0); a kept NaN makes
+    the sum NaN (whether or not the max skips it), and a NaN sum stays NaN.  Returns the new
+    (max, sum) and the tile's (rescale of the old sum, probabilities)."""
     m_new = tl.maximum(m_i, tl.max(zc, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_safe))
     p = tl.where(keep, tl.exp(zc - m_safe[:, None]), 0.0)
-    return m_new, l_i * rescale + tl.sum(p, 1), nan, rescale, p
+    return m_new, l_i * rescale + tl.sum(p, 1), rescale, p
+
 
 @triton.jit
-def _online_lse_result(m_i, l_i, nan):
+def _online_lse_result(m_i, l_i):
     """The LSE of an online reduction: −inf for an empty row, NaN if any entry was NaN."""
     lse = tl.where(m_i == float("-inf"), float("-inf"),
                    m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)))
-    return tl.where(nan > 0, float("nan"), lse)
+    return tl.where(l_i != l_i, float("nan"), lse)
+
 
 @triton.jit
 def _contrastive_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
-                      lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED: tl.constexpr,
-                      HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr, EXCL: tl.constexpr,
-                      DECOUPLED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      lab_ptr, klab_ptr, n_keys, offset, has_labels, no_pos, excl, decoupled,
+                      TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """One contrastive tile: (s, z = scale·s, pos, cand), the masks limited to in-bounds
     pairs; every contrastive pass starts here, so all compute s_ij identically."""
     s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
                       TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-    pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED,
-                           HAS_LABELS, NO_POS, EXCL, DECOUPLED)
+    n_q = n_b if TRANSPOSED else n_a
+    pos, cand = _pair_mask(rows, cols, lab_ptr, klab_ptr, n_q, n_keys, offset, TRANSPOSED,
+                           has_labels, no_pos, excl, decoupled)
     inb = (rows[:, None] < n_a) & (cols[None, :] < n_b)
     return s, s * scale, pos & inb, cand & inb
+
 
 @triton.jit
 def _acc_rows_times(acc, w, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO: tl.constexpr,
                     ALLOW_TF32: tl.constexpr):
     """acc + w · B[cols, d0 : d0 + BLOCK_DO]: the product step of every gradient kernel
     (w stays fp32).  The output features are split over the grid's second axis in chunks of
-    BLOCK_DO (one chunk when D ≤ _MAX_BLOCK_DO); every chunk's program recomputes the same
-    similarity tiles over all of D, so s_ij is bit-identical in every chunk and pass."""
+    BLOCK_DO; every chunk's program recomputes the same similarity tiles over all of D, so s_ij
+    is bit-identical in every chunk and pass."""
     dso = d0 + tl.arange(0, BLOCK_DO)
     bv = tl.load(b_ptr + cols[:, None] * stride_b + dso[None, :],
                  mask=cmask[:, None] & (dso[None, :] < d), other=0.0)
-    return acc + tl.dot(w, bv.to(tl.float32), allow_tf32=ALLOW_TF32)
+    return tl.dot(_tf32(w, ALLOW_TF32), _tf32(bv, ALLOW_TF32).to(tl.float32), acc,
+                  allow_tf32=ALLOW_TF32)
+
 
 @triton.jit
 def _store_rows(out_ptr, val, rows, rmask, d, d0, stride_o, BLOCK_DO: tl.constexpr):
@@ -145,54 +184,55 @@ def _store_rows(out_ptr, val, rows, rmask, d, d0, stride_o, BLOCK_DO: tl.constex
     tl.store(out_ptr + rows[:, None] * stride_o + dso[None, :], val,
              mask=rmask[:, None] & (dso[None, :] < d))
 
-@triton.jit
+
+@_kernel
 def _lse_rows(a_ptr, b_ptr, scale_ptr, bias_ptr, lab_ptr, klab_ptr, lse_ptr, psum_ptr,
-              pcnt_ptr, idx_ptr, n_idx, n_a, n_b, d, stride_a, stride_b, n_keys, offset,
-              HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_LABELS: tl.constexpr,
-              NO_POS: tl.constexpr, EXCL: tl.constexpr, DECOUPLED: tl.constexpr,
-              HAS_IDX: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+              pcnt_ptr, sel_ptr, n_sel, n_a, n_b, d, stride_a, stride_b, n_keys, offset,
+              has_bias, has_labels, no_pos, excl, decoupled, sel_idx, sel_flag,
+              TRANSPOSED: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Online LSE (+ positive sums and counts) of a block of rows.  HAS_IDX: the block's
-    rows are read from an index vector (the exact fallback for the few columns the one-sweep
-    forward could not resolve)."""
+    """Online LSE (+ positive sums and counts) of a block of rows.  Which rows (the exact
+    redo of the columns the one-sweep forward could not resolve): ``sel_idx``, the rows listed
+    in the int32 vector ``sel_ptr`` (n_sel of them); ``sel_flag``, the rows whose entry of
+    ``sel_ptr`` (one per row) is nonzero (no host sync: CUDA-graph capture); else all.  A
+    program with no row to do skips the column loop."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    if HAS_IDX:
-        rows = tl.load(idx_ptr + rows, mask=rows < n_idx, other=n_a).to(tl.int32)
+    if sel_idx:
+        rows = tl.load(sel_ptr + rows, mask=rows < n_sel, other=n_a)
+    live = rows < n_a
+    if sel_flag:
+        live = live & (tl.load(sel_ptr + rows, mask=live, other=0) != 0)
+    n_loop = tl.where(tl.max(live.to(tl.int32), 0) > 0, n_b, 0)
     scale = tl.load(scale_ptr)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     ps = tl.zeros((BLOCK_M,), tl.float32)
     pc = tl.zeros((BLOCK_M,), tl.float32)
-    nan = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, n_b, BLOCK_N):
+    for c0 in range(0, n_loop, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         s, z, pos, cand = _contrastive_tile(
             a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
-            lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+            lab_ptr, klab_ptr, n_keys, offset, has_labels, no_pos, excl, decoupled, TRANSPOSED,
             BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-        zb = z
-        if HAS_BIAS:
-            zb = z + tl.load(bias_ptr + cols, mask=cols < n_b, other=0.0)[None, :]
+        zb = z + tl.load(bias_ptr + cols, mask=(cols < n_b) & has_bias, other=0.0)[None, :]
         zc = tl.where(cand, zb, float("-inf"))
-        m_i, l_i, nan, _, _ = _online_lse_step(m_i, l_i, nan, zc, cand)
+        m_i, l_i, _, _ = _online_lse_step(m_i, l_i, zc, cand)
         ps += tl.sum(tl.where(pos, z, 0.0), 1)
-        pc += tl.sum(tl.where(pos, 1.0, 0.0), 1)
-    lse = _online_lse_result(m_i, l_i, nan)
-    ok = rows < n_a
-    tl.store(lse_ptr + rows, lse, mask=ok)
-    tl.store(psum_ptr + rows, ps, mask=ok)
-    tl.store(pcnt_ptr + rows, pc, mask=ok)
+        pc += tl.sum(pos.to(tl.float32), 1)
+    lse = _online_lse_result(m_i, l_i)
+    tl.store(lse_ptr + rows, lse, mask=live)
+    tl.store(psum_ptr + rows, ps, mask=live)
+    tl.store(pcnt_ptr + rows, pc, mask=live)
 
-@triton.jit
+
+@_kernel
 def _grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, biasc_ptr, biasr_ptr, lse_a, g_a, gp_a,
                lse_b, g_b, gp_b, lab_ptr, klab_ptr, dscale_ptr, bterm_ptr, n_a, n_b, d,
-               stride_a, stride_b, stride_o, n_keys, offset,
-               HAS_BIAS_C: tl.constexpr, HAS_BIAS_R: tl.constexpr, HAS_B: tl.constexpr,
-               TRANSPOSED: tl.constexpr, HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr,
-               EXCL: tl.constexpr, DECOUPLED: tl.constexpr, ALLOW_TF32: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DO: tl.constexpr):
+               stride_a, stride_b, stride_o, n_keys, offset, has_bias_c, has_bias_r, has_b,
+               has_labels, no_pos, excl, decoupled, TRANSPOSED: tl.constexpr,
+               ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     """out[rows] = scale · Σ_c dZ_rc B_c for a block of rows, with
     dZ_rc = g_a_r e^{z + biasC_c − lse_a_r} cand + g_b_c e^{z + biasR_r − lse_b_c} cand
             − pos (gp_a_r + gp_b_c).
@@ -206,9 +246,7 @@ def _grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, biasc_ptr, biasr_ptr, lse_a, g_
     la = tl.load(lse_a + rows, mask=rmask, other=0.0)
     ga = tl.load(g_a + rows, mask=rmask, other=0.0)
     gpa = tl.load(gp_a + rows, mask=rmask, other=0.0)
-    br = tl.zeros((BLOCK_M,), tl.float32)
-    if HAS_BIAS_R:
-        br = tl.load(biasr_ptr + rows, mask=rmask, other=0.0)
+    br = tl.load(biasr_ptr + rows, mask=rmask & has_bias_r, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     bterm = tl.zeros((BLOCK_M,), tl.float32)
@@ -217,18 +255,16 @@ def _grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, biasc_ptr, biasr_ptr, lse_a, g_
         cmask = cols < n_b
         s, z, pos, cand = _contrastive_tile(
             a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
-            lab_ptr, klab_ptr, n_keys, offset, TRANSPOSED, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+            lab_ptr, klab_ptr, n_keys, offset, has_labels, no_pos, excl, decoupled, TRANSPOSED,
             BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-        za = z
-        if HAS_BIAS_C:
-            za = z + tl.load(biasc_ptr + cols, mask=cmask, other=0.0)[None, :]
+        za = z + tl.load(biasc_ptr + cols, mask=cmask & has_bias_c, other=0.0)[None, :]
         # Each side's positive term is subtracted from that side's softmax term first: with
         # a sharp softmax p_ii ≈ 1 and g·p − g/|P| cancels; two separate cancellations keep
         # more digits than one of their sum.
         # Select, never multiply: a side with g = 0 (no such term) may have exp() = inf.
         dz = tl.where(cand & (ga[:, None] != 0), ga[:, None] * tl.exp(za - la[:, None]),
                       0.0) - tl.where(pos, gpa[:, None], 0.0)
-        if HAS_B:
+        if has_b:
             lb = tl.load(lse_b + cols, mask=cmask, other=0.0)
             gb = tl.load(g_b + cols, mask=cmask, other=0.0)
             gpb = tl.load(gp_b + cols, mask=cmask, other=0.0)
@@ -237,8 +273,6 @@ def _grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, biasc_ptr, biasr_ptr, lse_a, g_
             bterm += tl.sum(tb, 1)
             dz += tb - tl.where(pos, gpb[None, :], 0.0)
         dscale += tl.sum(dz * s, 1)
-        # dZ stays fp32 here: its rows nearly cancel, and rounding it to fp16/bf16 first
-        # (the flash-attention speed path) costs digits; revisit with GPU measurements.
         acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO,
                               ALLOW_TF32)
     _store_rows(out_ptr, acc * scale, rows, rmask, d, d0, stride_o, BLOCK_DO)
@@ -246,21 +280,21 @@ def _grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, biasc_ptr, biasr_ptr, lse_a, g_
         tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
         tl.store(bterm_ptr + rows, bterm, mask=rmask)
 
+
 # ----------------------------------------------------------------------------------------
 # The fused contrastive path (default unless deterministic): one forward sweep for row and
 # column statistics, one backward sweep for dx and dy.
 
-@triton.jit
+@_kernel
 def _lse_rowcol(x_ptr, y_ptr, scale_ptr, cref_ptr, lab_ptr, klab_ptr, lse_ptr, psum_ptr,
                 pcnt_ptr, csum_ptr, cpsum_ptr, cpcnt_ptr, n, m, d, stride_x, stride_y,
-                n_keys, offset, HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr,
-                EXCL: tl.constexpr, DECOUPLED: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                n_keys, offset, has_labels, no_pos, excl, decoupled, ALLOW_TF32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Row and column statistics in one sweep over the tiles (rows = queries).
 
     Rows: the online LSE of ``_lse_rows``.  Key columns j: Σ_i exp(z_ij − cref_j) over the
     candidates, added atomically across row blocks, with the fixed per-column reference
-    cref_j ≥ max_i z_ij (the norm bound, computed on the host), so no running max has to be
+    cref_j ≥ max_i z_ij (the norm bound, computed on the device), so no running max has to be
     merged across programs; plus the column positive sums and counts."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -270,37 +304,38 @@ def _lse_rowcol(x_ptr, y_ptr, scale_ptr, cref_ptr, lab_ptr, klab_ptr, lse_ptr, p
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     ps = tl.zeros((BLOCK_M,), tl.float32)
     pc = tl.zeros((BLOCK_M,), tl.float32)
-    nan = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         s, z, pos, cand = _contrastive_tile(
             x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, scale,
-            lab_ptr, klab_ptr, n_keys, offset, False, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+            lab_ptr, klab_ptr, n_keys, offset, has_labels, no_pos, excl, decoupled, False,
             BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
         zc = tl.where(cand, z, float("-inf"))
-        m_i, l_i, nan, _, _ = _online_lse_step(m_i, l_i, nan, zc, cand)
-        ps += tl.sum(tl.where(pos, z, 0.0), 1)
-        pc += tl.sum(tl.where(pos, 1.0, 0.0), 1)
+        m_i, l_i, _, _ = _online_lse_step(m_i, l_i, zc, cand)
+        zp = tl.where(pos, z, 0.0)
+        ps += tl.sum(zp, 1)
+        pf = pos.to(tl.float32)
+        pc += tl.sum(pf, 1)
         kmask = cols < n_keys
         cref = tl.load(cref_ptr + cols, mask=kmask, other=0.0)
         # NaN z stays NaN in the sum (selected, not multiplied away).
         q = tl.where(cand, tl.exp(z - cref[None, :]), 0.0)
-        tl.atomic_add(csum_ptr + cols, tl.sum(q, 0), mask=kmask)
-        tl.atomic_add(cpsum_ptr + cols, tl.sum(tl.where(pos, z, 0.0), 0), mask=kmask)
-        tl.atomic_add(cpcnt_ptr + cols, tl.sum(tl.where(pos, 1.0, 0.0), 0), mask=kmask)
-    lse = _online_lse_result(m_i, l_i, nan)
+        tl.atomic_add(csum_ptr + cols, tl.sum(q, 0), mask=kmask, sem="relaxed")
+        tl.atomic_add(cpsum_ptr + cols, tl.sum(zp, 0), mask=kmask, sem="relaxed")
+        tl.atomic_add(cpcnt_ptr + cols, tl.sum(pf, 0), mask=kmask, sem="relaxed")
+    lse = _online_lse_result(m_i, l_i)
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(psum_ptr + rows, ps, mask=rmask)
     tl.store(pcnt_ptr + rows, pc, mask=rmask)
 
-@triton.jit
+
+@_kernel
 def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r, lse_c,
              g_c, gp_c, lab_ptr, klab_ptr, dscale_ptr, dbias_ptr, n, m, d, stride_x,
-             stride_y, stride_dx, stride_dy, n_keys, offset, HAS_BIAS: tl.constexpr,
-             HAS_COL: tl.constexpr, HAS_LABELS: tl.constexpr, NO_POS: tl.constexpr,
-             EXCL: tl.constexpr, DECOUPLED: tl.constexpr, ALLOW_TF32: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DO: tl.constexpr):
+             stride_y, stride_dx, stride_dy, n_keys, offset, has_bias, has_col, has_labels,
+             no_pos, excl, decoupled, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+             BLOCK_DY: tl.constexpr):
     """dx and dy in one sweep (rows = queries; output feature chunk d0 on axis 1).
 
     Per tile: s (the forward's tile, bit-identical), dZ as in ``_grad_rows``, dx[rows] +=
@@ -310,14 +345,10 @@ def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r
     d0 = tl.program_id(1) * BLOCK_DO
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
-    dso = d0 + tl.arange(0, BLOCK_DO)
-    dmask = dso < d
     scale = tl.load(scale_ptr)
     la = tl.load(lse_r + rows, mask=rmask, other=0.0)
     ga = tl.load(g_r + rows, mask=rmask, other=0.0)
     gpa = tl.load(gp_r + rows, mask=rmask, other=0.0)
-    xo = tl.load(x_ptr + rows[:, None] * stride_x + dso[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, m, BLOCK_N):
@@ -325,15 +356,13 @@ def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r
         cmask = cols < m
         s, z, pos, cand = _contrastive_tile(
             x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, scale,
-            lab_ptr, klab_ptr, n_keys, offset, False, HAS_LABELS, NO_POS, EXCL, DECOUPLED,
+            lab_ptr, klab_ptr, n_keys, offset, has_labels, no_pos, excl, decoupled, False,
             BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-        za = z
-        if HAS_BIAS:
-            za = z + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+        za = z + tl.load(bias_ptr + cols, mask=cmask & has_bias, other=0.0)[None, :]
         trow = tl.where(cand & (ga[:, None] != 0), ga[:, None] * tl.exp(za - la[:, None]),
                         0.0)
         dz = trow - tl.where(pos, gpa[:, None], 0.0)
-        if HAS_COL:
+        if has_col:
             lb = tl.load(lse_c + cols, mask=cmask, other=0.0)
             gb = tl.load(g_c + cols, mask=cmask, other=0.0)
             gpb = tl.load(gp_c + cols, mask=cmask, other=0.0)
@@ -341,17 +370,27 @@ def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r
                             gb[None, :] * tl.exp(z - lb[None, :]), 0.0)
                    - tl.where(pos, gpb[None, :], 0.0))
         dscale += tl.sum(dz * s, 1)
-        if HAS_BIAS:
+        if has_bias:
             if d0 == 0:
-                tl.atomic_add(dbias_ptr + cols, tl.sum(trow, 0), mask=cmask)
+                tl.atomic_add(dbias_ptr + cols, tl.sum(trow, 0), mask=cmask, sem="relaxed")
         acc = _acc_rows_times(acc, dz, y_ptr, cols, cmask, d, d0, stride_y, BLOCK_DO,
                               ALLOW_TF32)
-        dyt = tl.dot(tl.trans(dz), xo, allow_tf32=ALLOW_TF32) * scale
-        tl.atomic_add(dy_ptr + cols[:, None] * stride_dy + dso[None, :], dyt,
-                      mask=cmask[:, None] & dmask[None, :])
+        # dy[cols] += scale·dZᵀ·X[rows], BLOCK_DY output features at a time (fewer live
+        # registers than the whole chunk at once)
+        dzt = tl.trans(_tf32(dz, ALLOW_TF32))
+        for h in range(0, BLOCK_DO, BLOCK_DY):
+            dsh = d0 + h + tl.arange(0, BLOCK_DY)
+            hmask = dsh < d
+            xo = tl.load(x_ptr + rows[:, None] * stride_x + dsh[None, :],
+                         mask=rmask[:, None] & hmask[None, :], other=0.0)
+            xo = _tf32(xo, ALLOW_TF32).to(tl.float32)
+            dyt = tl.dot(dzt, xo, allow_tf32=ALLOW_TF32) * scale
+            tl.atomic_add(dy_ptr + cols[:, None] * stride_dy + dsh[None, :], dyt,
+                          mask=cmask[:, None] & hmask[None, :], sem="relaxed")
     _store_rows(dx_ptr, acc * scale, rows, rmask, d, d0, stride_dx, BLOCK_DO)
     if d0 == 0:
         tl.store(dscale_ptr + pid, tl.sum(dscale, 0))
+
 
 # ----------------------------------------------------------------------------------------
 # SigLIP, multi-similarity, softmax-weighted matmul: the same tile loop (``_oriented_sim``,
@@ -367,6 +406,7 @@ def _anchor_vec(ptr, rows, cols, n_i, TRANSPOSED: tl.constexpr):
         v = tl.load(ptr + rows, mask=rows < n_i, other=0.0)[:, None]
     return v
 
+
 @triton.jit
 def _is_diag(rows, cols, offset, TRANSPOSED: tl.constexpr):
     """(i, j) with j == i + offset, for the tile in its orientation."""
@@ -376,13 +416,15 @@ def _is_diag(rows, cols, offset, TRANSPOSED: tl.constexpr):
         d = cols[None, :] == rows[:, None] + offset
     return d
 
+
 @triton.jit
 def _softplus(t):
     # log(1 + e^t) = max(t, 0) + log1p(e^{-|t|}); log1p by its series where e^{-|t|} is tiny.
     e = tl.exp(-tl.abs(t))
     return tl.maximum(t, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
 
-@triton.jit
+
+@_kernel
 def _siglip_fwd_rows(x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, n, m, d, stride_x,
                      stride_y, offset, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -401,7 +443,8 @@ def _siglip_fwd_rows(x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, n, m, d, stride
         acc += tl.sum(tl.where(inb, _softplus(-sign * (s * scale + bias)), 0.0), 1)
     tl.store(out_ptr + rows, acc, mask=rows < n)
 
-@triton.jit
+
+@_kernel
 def _siglip_grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, g_ptr, part_ptr, n_a, n_b,
                       d, stride_a, stride_b, stride_o, n_i, offset, TRANSPOSED: tl.constexpr,
                       ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -438,11 +481,12 @@ def _siglip_grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, g_ptr, part_pt
         tl.store(part_ptr + 2 * pid, tl.sum(ds, 0))
         tl.store(part_ptr + 2 * pid + 1, tl.sum(db, 0))
 
+
 @triton.jit
-def _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n_a, n_b, n_i, n_j, offset,
-              EXCL_SELF: tl.constexpr, TRANSPOSED: tl.constexpr):
+def _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n_a, n_b, n_i, n_j, offset, excl_self,
+              TRANSPOSED: tl.constexpr):
     """(pos, neg) of multi-similarity for the in-bounds tile: same / different label, the
-    self pair (j == i + offset) neither when EXCL_SELF."""
+    self pair (j == i + offset) neither when ``excl_self`` (a runtime flag)."""
     if TRANSPOSED:
         li = tl.load(lab_ptr + cols, mask=cols < n_i, other=-1)[None, :]
         lj = tl.load(rlab_ptr + rows, mask=rows < n_j, other=-1)[:, None]
@@ -450,14 +494,14 @@ def _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n_a, n_b, n_i, n_j, offset,
         li = tl.load(lab_ptr + rows, mask=rows < n_i, other=-1)[:, None]
         lj = tl.load(rlab_ptr + cols, mask=cols < n_j, other=-1)[None, :]
     inb = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-    if EXCL_SELF:
-        inb = inb & (_is_diag(rows, cols, offset, TRANSPOSED) == 0)
+    inb = inb & ((_is_diag(rows, cols, offset, TRANSPOSED) & excl_self) == 0)
     same = li == lj
     return same & inb, (same == 0) & inb
 
-@triton.jit
+
+@_kernel
 def _ms_mine_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, n, m, d, stride_x,
-                  stride_y, offset, EXCL_SELF: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                  stride_y, offset, excl_self, ALLOW_TF32: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """min over the positives and max over the negatives of s_ij, per anchor (±inf when
     the set is empty; NaN when a NaN similarity is among them)."""
@@ -470,7 +514,7 @@ def _ms_mine_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, n, m, d, 
         cols = c0 + tl.arange(0, BLOCK_N)
         s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
                           BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-        pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n, m, n, m, offset, EXCL_SELF,
+        pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n, m, n, m, offset, excl_self,
                              False)
         nan = tl.maximum(nan, tl.max(tl.where((pos | neg) & (s != s), 1.0, 0.0), 1))
         minp = tl.minimum(minp, tl.min(tl.where(pos, s, float("inf")), 1))
@@ -479,22 +523,32 @@ def _ms_mine_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, n, m, d, 
     tl.store(minp_ptr + rows, tl.where(nan > 0, float("nan"), minp), mask=ok)
     tl.store(maxn_ptr + rows, tl.where(nan > 0, float("nan"), maxn), mask=ok)
 
-@triton.jit
-def _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n_i, epsilon,
-             HAS_EPS: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """The mined pairs: the hard thresholds on s_ij (same s in every pass, see above)."""
-    if HAS_EPS:
-        minp = _anchor_vec(minp_ptr, rows, cols, n_i, TRANSPOSED)
-        maxn = _anchor_vec(maxn_ptr, rows, cols, n_i, TRANSPOSED)
-        pos = pos & (s - epsilon < maxn)
-        neg = neg & (s + epsilon > minp)
-    return pos, neg
 
 @triton.jit
+def _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n_i, epsilon, has_eps,
+             TRANSPOSED: tl.constexpr):
+    """The mined pairs: the hard thresholds on s_ij (same s in every pass, see above).
+    Without mining (``has_eps`` false) the threshold loads are masked off (±inf)."""
+    if TRANSPOSED:
+        keep = (cols < n_i) & has_eps
+        minp = tl.load(minp_ptr + cols, mask=keep, other=float("-inf"))[None, :]
+        maxn = tl.load(maxn_ptr + cols, mask=keep, other=float("inf"))[None, :]
+    else:
+        keep = (rows < n_i) & has_eps
+        minp = tl.load(minp_ptr + rows, mask=keep, other=float("-inf"))[:, None]
+        maxn = tl.load(maxn_ptr + rows, mask=keep, other=float("inf"))[:, None]
+    # Without mining every pair is kept: s − ε < +inf and s + ε > −inf hold for finite s, and
+    # a NaN s (not kept either way) makes the row NaN through the mining pass.
+    kp = pos & ((s - epsilon < maxn) | (has_eps == 0))
+    kn = neg & ((s + epsilon > minp) | (has_eps == 0))
+    return kp, kn
+
+
+@_kernel
 def _ms_fwd_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, plse_ptr, nlse_ptr,
-                 n, m, d, stride_x, stride_y, offset, alpha, beta, base, epsilon,
-                 HAS_EPS: tl.constexpr, EXCL_SELF: tl.constexpr, ALLOW_TF32: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 n, m, d, stride_x, stride_y, offset, alpha, beta, base, epsilon, has_eps,
+                 excl_self, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Two online LSEs per anchor seeded with the term 0 (the "1 +"): over the kept
     positives of −α(s − base) and the kept negatives of β(s − base)."""
     pid = tl.program_id(0)
@@ -508,10 +562,10 @@ def _ms_fwd_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, plse_ptr, 
         cols = c0 + tl.arange(0, BLOCK_N)
         s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
                           BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-        pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n, m, n, m, offset, EXCL_SELF,
+        pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n, m, n, m, offset, excl_self,
                              False)
         nan = tl.maximum(nan, tl.max(tl.where((pos | neg) & (s != s), 1.0, 0.0), 1))
-        kp, kn = _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n, epsilon, HAS_EPS,
+        kp, kn = _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n, epsilon, has_eps,
                           False)
         tp = tl.where(kp, -alpha * (s - base), float("-inf"))
         m_new = tl.maximum(mp, tl.max(tp, 1))
@@ -525,13 +579,13 @@ def _ms_fwd_rows(x_ptr, y_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, plse_ptr, 
     tl.store(plse_ptr + rows, tl.where(nan > 0, float("nan"), mp + tl.log(lp)), mask=ok)
     tl.store(nlse_ptr + rows, tl.where(nan > 0, float("nan"), mn + tl.log(ln)), mask=ok)
 
-@triton.jit
+
+@_kernel
 def _ms_grad_rows(a_ptr, b_ptr, out_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, plse_ptr,
                   nlse_ptr, g_ptr, n_a, n_b, d, stride_a, stride_b, stride_o, n_i, n_j,
-                  offset, alpha, beta, base, epsilon, HAS_EPS: tl.constexpr,
-                  EXCL_SELF: tl.constexpr, TRANSPOSED: tl.constexpr,
-                  ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+                  offset, alpha, beta, base, epsilon, has_eps, excl_self,
+                  TRANSPOSED: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     """out[rows] = Σ_c dS_rc B_c, dS_ij = g_i (e^{β(s−base) − nlse_i}·kept_neg
     − e^{−α(s−base) − plse_i}·kept_pos): dx (rows = anchors) or dy (TRANSPOSED)."""
     pid = tl.program_id(0)
@@ -545,9 +599,9 @@ def _ms_grad_rows(a_ptr, b_ptr, out_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, 
         s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
                           TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
         pos, neg = _ms_pairs(rows, cols, lab_ptr, rlab_ptr, n_a, n_b, n_i, n_j, offset,
-                             EXCL_SELF, TRANSPOSED)
+                             excl_self, TRANSPOSED)
         kp, kn = _ms_kept(s, pos, neg, rows, cols, minp_ptr, maxn_ptr, n_i, epsilon,
-                          HAS_EPS, TRANSPOSED)
+                          has_eps, TRANSPOSED)
         g = _anchor_vec(g_ptr, rows, cols, n_i, TRANSPOSED)
         plse = _anchor_vec(plse_ptr, rows, cols, n_i, TRANSPOSED)
         nlse = _anchor_vec(nlse_ptr, rows, cols, n_i, TRANSPOSED)
@@ -557,11 +611,12 @@ def _ms_grad_rows(a_ptr, b_ptr, out_ptr, lab_ptr, rlab_ptr, minp_ptr, maxn_ptr, 
                               ALLOW_TF32)
     _store_rows(out_ptr, acc, rows, rmask, d, d0, stride_o, BLOCK_DO)
 
-@triton.jit
+
+@_kernel
 def _smm_fwd_rows(x_ptr, y_ptr, v_ptr, scale_ptr, bias_ptr, out_ptr, lse_ptr, n, m, d, e,
-                  stride_x, stride_y, stride_v, stride_o, HAS_BIAS: tl.constexpr,
-                  ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+                  stride_x, stride_y, stride_v, stride_o, has_bias, ALLOW_TF32: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_E: tl.constexpr):
     """out[rows, e-block] = softmax_j(scale·s_ij + bias_j) v_j, online (flash-attention
     style); the second grid axis splits the value columns (each recomputes the softmax)."""
     pid = tl.program_id(0)
@@ -572,31 +627,29 @@ def _smm_fwd_rows(x_ptr, y_ptr, v_ptr, scale_ptr, bias_ptr, out_ptr, lse_ptr, n,
     scale = tl.load(scale_ptr)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    nan = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         cmask = cols < m
         s = _oriented_sim(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, False,
                           BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-        z = s * scale
-        if HAS_BIAS:
-            z = z + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+        z = s * scale + tl.load(bias_ptr + cols, mask=cmask & has_bias, other=0.0)[None, :]
         inb = rmask[:, None] & cmask[None, :]
         z = tl.where(inb, z, float("-inf"))
-        m_i, l_i, nan, rescale, p = _online_lse_step(m_i, l_i, nan, z,
-                                                     inb & (z > float("-inf")))
+        m_i, l_i, rescale, p = _online_lse_step(m_i, l_i, z, inb & (z > float("-inf")))
         vt = tl.load(v_ptr + cols[:, None] * stride_v + es[None, :],
                      mask=cmask[:, None] & (es[None, :] < e), other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(p, vt.to(tl.float32), allow_tf32=ALLOW_TF32)
+        acc = tl.dot(_tf32(p, ALLOW_TF32), _tf32(vt, ALLOW_TF32).to(tl.float32),
+                     acc * rescale[:, None], allow_tf32=ALLOW_TF32)
     lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    lse = tl.where(nan > 0, float("nan"), lse)
+    lse = tl.where(l_i != l_i, float("nan"), lse)
     # A row with no finite logit (every bias −inf) has no softmax: NaN, as in the reference.
     out = acc / tl.where(l_i > 0, l_i, float("nan"))[:, None]
     tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], out,
              mask=rmask[:, None] & (es[None, :] < e))
     if pe == 0:
         tl.store(lse_ptr + rows, lse, mask=rmask)
+
 
 @triton.jit
 def _smm_dz(s, rows, cols, scale_ptr, biasv, lse_ptr, delta_ptr, g_ptr, v_ptr, n, m, e,
@@ -618,12 +671,13 @@ def _smm_dz(s, rows, cols, scale_ptr, biasv, lse_ptr, delta_ptr, g_ptr, v_ptr, n
     p = tl.where(inb & (z > float("-inf")), tl.exp(z - lse), 0.0)
     return p, tl.where(inb, p * (gv - delta), 0.0)
 
-@triton.jit
+
+@_kernel
 def _smm_grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, delta_ptr, g_ptr,
                    v_ptr, part_ptr, n, m, d, e, stride_a, stride_b, stride_o, stride_g,
-                   stride_v, HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
-                   ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr):
+                   stride_v, has_bias, TRANSPOSED: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DO: tl.constexpr, BLOCK_E: tl.constexpr):
     """dx (rows = x; B = y) or, TRANSPOSED, dy (rows = y; B = x): out = scale · dZ @ B.
     Per program the partial Σ dZ∘s (dscale); per row Σ_c dZ (dbias, TRANSPOSED only)."""
     pid = tl.program_id(0)
@@ -645,12 +699,11 @@ def _smm_grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, delta_pt
         cmask = cols < n_b
         s = _oriented_sim(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b,
                           TRANSPOSED, BLOCK_M, BLOCK_N, BLOCK_D, ALLOW_TF32)
-        biasv = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if HAS_BIAS:  # indexed by the y rows j
-            if TRANSPOSED:
-                biasv += tl.load(bias_ptr + rows, mask=rmask, other=0.0)[:, None]
-            else:
-                biasv += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+        # the bias is indexed by the y rows j
+        if TRANSPOSED:
+            biasv = tl.load(bias_ptr + rows, mask=rmask & has_bias, other=0.0)[:, None]
+        else:
+            biasv = tl.load(bias_ptr + cols, mask=cmask & has_bias, other=0.0)[None, :]
         _p, dz = _smm_dz(s, rows, cols, scale_ptr, biasv, lse_ptr, delta_ptr, g_ptr, v_ptr,
                          n, m, e, stride_g, stride_v, TRANSPOSED, ALLOW_TF32, BLOCK_M,
                          BLOCK_N, BLOCK_E)
@@ -664,11 +717,12 @@ def _smm_grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, delta_pt
         if TRANSPOSED:
             tl.store(part_ptr + tl.num_programs(0) + rows, dbias, mask=rmask)
 
-@triton.jit
+
+@_kernel
 def _smm_dv_rows(x_ptr, y_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, g_ptr, n, m, d, e,
-                 stride_x, stride_y, stride_o, stride_g, HAS_BIAS: tl.constexpr,
-                 ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+                 stride_x, stride_y, stride_o, stride_g, has_bias, ALLOW_TF32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
     """dv[rows = y rows, e-block] = Σ_i P_ij g_out_i (the tile in the TRANSPOSED
     orientation, so s is the forward's)."""
     pid = tl.program_id(0)
@@ -677,9 +731,7 @@ def _smm_dv_rows(x_ptr, y_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, g_ptr, n, 
     es = pe * BLOCK_E + tl.arange(0, BLOCK_E)
     rmask = rows < m
     scale = tl.load(scale_ptr)
-    biasr = tl.zeros((BLOCK_M,), tl.float32)
-    if HAS_BIAS:
-        biasr = tl.load(bias_ptr + rows, mask=rmask, other=0.0)
+    biasr = tl.load(bias_ptr + rows, mask=rmask & has_bias, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     for c0 in range(0, n, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -692,14 +744,15 @@ def _smm_dv_rows(x_ptr, y_ptr, out_ptr, scale_ptr, bias_ptr, lse_ptr, g_ptr, n, 
                      tl.exp(z - lse), 0.0)
         gt = tl.load(g_ptr + cols[:, None] * stride_g + es[None, :],
                      mask=cmask[:, None] & (es[None, :] < e), other=0.0)
-        acc += tl.dot(p, gt, allow_tf32=ALLOW_TF32)
+        acc = tl.dot(_tf32(p, ALLOW_TF32), _tf32(gt, ALLOW_TF32), acc, allow_tf32=ALLOW_TF32)
     tl.store(out_ptr + rows[:, None] * stride_o + es[None, :], acc,
              mask=rmask[:, None] & (es[None, :] < e))
 
-@triton.jit
-def _topk_rows(x_ptr, y_ptr, val_ptr, idx_ptr, n, m, d, k, stride_x, stride_y,
-               EXCL: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+
+@_kernel
+def _topk_rows(x_ptr, y_ptr, val_ptr, idx_ptr, n, m, d, k, stride_x, stride_y, excl,
+               ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_D: tl.constexpr):
     """The k largest s_ij per row, streamed over column tiles of width BLOCK_K ≥ k.
 
     Each (value, column) is one int64 key: the fp32 bits made order-preserving in the high
@@ -714,8 +767,7 @@ def _topk_rows(x_ptr, y_ptr, val_ptr, idx_ptr, n, m, d, k, stride_x, stride_y,
         cols = c0 + tl.arange(0, BLOCK_K)
         s = _sim_tile(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, BLOCK_M,
                       BLOCK_K, BLOCK_D, ALLOW_TF32) + 0.0  # −0.0 → +0.0
-        if EXCL:
-            s = tl.where(cols[None, :] == rows[:, None], float("-inf"), s)
+        s = tl.where((cols[None, :] == rows[:, None]) & excl, float("-inf"), s)
         bits = s.to(tl.int32, bitcast=True)
         hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
         key = hi * 4294967296 + (4294967295 - cols[None, :].to(tl.int64))
@@ -729,4 +781,3 @@ def _topk_rows(x_ptr, y_ptr, val_ptr, idx_ptr, n, m, d, k, stride_x, stride_y,
     ok = (rows[:, None] < n) & (ks[None, :] < k)
     tl.store(val_ptr + out, val, mask=ok)
     tl.store(idx_ptr + out, idx, mask=ok)
-

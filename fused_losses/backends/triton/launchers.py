@@ -37,29 +37,40 @@ from . import kernels as kern
 from . import tiles as tl_tiles
 
 _K = {
-    "lse_rows": tl_tiles.tuned(kern._lse_rows),
-    "grad_rows": tl_tiles.tuned(kern._grad_rows),
-    "lse_rowcol": tl_tiles.tuned(kern._lse_rowcol, ("csum_ptr", "cpsum_ptr", "cpcnt_ptr")),
-    "grad_xy": tl_tiles.tuned(kern._grad_xy, ("dy_ptr", "dbias_ptr")),
-    "siglip_fwd": tl_tiles.tuned(kern._siglip_fwd_rows),
-    "siglip_grad": tl_tiles.tuned(kern._siglip_grad_rows),
-    "ms_mine": tl_tiles.tuned(kern._ms_mine_rows),
-    "ms_fwd": tl_tiles.tuned(kern._ms_fwd_rows),
-    "ms_grad": tl_tiles.tuned(kern._ms_grad_rows),
-    "smm_fwd": tl_tiles.tuned(kern._smm_fwd_rows),
-    "smm_grad": tl_tiles.tuned(kern._smm_grad_rows),
-    "smm_dv": tl_tiles.tuned(kern._smm_dv_rows),
-    "topk": tl_tiles.tuned(kern._topk_rows),
+    "lse_rows": tl_tiles.tuned("lse_rows", kern._lse_rows),
+    "grad_rows": tl_tiles.tuned("grad_rows", kern._grad_rows),
+    "lse_rowcol": tl_tiles.tuned("lse_rowcol", kern._lse_rowcol,
+                                 ("csum_ptr", "cpsum_ptr", "cpcnt_ptr")),
+    "grad_xy": tl_tiles.tuned("grad_xy", kern._grad_xy, ("dy_ptr", "dbias_ptr")),
+    "siglip_fwd": tl_tiles.tuned("siglip_fwd", kern._siglip_fwd_rows),
+    "siglip_grad": tl_tiles.tuned("siglip_grad", kern._siglip_grad_rows),
+    "ms_mine": tl_tiles.tuned("ms_mine", kern._ms_mine_rows),
+    "ms_fwd": tl_tiles.tuned("ms_fwd", kern._ms_fwd_rows),
+    "ms_grad": tl_tiles.tuned("ms_grad", kern._ms_grad_rows),
+    "smm_fwd": tl_tiles.tuned("smm_fwd", kern._smm_fwd_rows),
+    "smm_grad": tl_tiles.tuned("smm_grad", kern._smm_grad_rows),
+    "smm_dv": tl_tiles.tuned("smm_dv", kern._smm_dv_rows),
+    "topk": tl_tiles.tuned("topk", kern._topk_rows),
 }
 
 
-def _tiles(d: int, x: torch.Tensor):
-    """The tiles of one op on x's device and dtype (the launch arch's table)."""
-    return tl_tiles.tiles(d, x.dtype, tl_tiles.arch_for(x.device))
+def _tiles(x: torch.Tensor) -> tl_tiles.Tiles:
+    """The tiles of one op on x (its padded width, dtype and device: the launch arch's)."""
+    return tl_tiles.tiles(x.shape[1], x.dtype, tl_tiles.arch_for(x.device))
 
 
-def _tf32() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (then nothing may wait
+    for the device)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _tf32(x: torch.Tensor) -> bool:
+    """ALLOW_TF32 of the kernels: fp32 inputs use TF32 tensor cores only when PyTorch's own
+    switch allows it for matmuls (SPEC §7; exact FMA dots otherwise).  For 16-bit inputs the
+    similarity tile is a 16-bit MMA whatever the flag, and the fp32 products (dZ·B, P·V) use
+    TF32: a 10-bit mantissa for dZ, more than a bf16/fp16 dZ would keep."""
+    return x.dtype != torch.float32 or bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,49 +107,96 @@ _COL_SUM_FLOOR = 2.0 ** -64
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel launches (the bodies of the custom ops below).
+# Kernel launches (the bodies of the custom ops, ops.py).
+#
+# What the kernels see is normalized here so that one compiled kernel serves every call (and
+# scripts/triton_check.py can compile all of them): inputs contiguous with 16-byte aligned data
+# (a copy only when the caller's view is not), matrices padded with zero features to a width
+# that is a multiple of 16 (a copy only when D is not; zeros change no dot product, and every
+# pass of an op sees the same padded rows), gradient outputs allocated padded and cut back.
+
+def _in(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _w16(w: int) -> int:
+    return max(16, -(-w // 16) * 16)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A (R, W) input as the kernels take it: W padded with zeros to a multiple of 16."""
+    w = t.shape[1]
+    if w % 16 == 0:
+        return _in(t)
+    out = t.new_zeros((t.shape[0], _w16(w)))
+    out[:, :w] = t
+    return out
+
+
+def _out(n: int, w: int, device) -> torch.Tensor:
+    """An fp32 (n, W16) output; ``_cut`` returns its first w columns."""
+    return torch.empty(n, _w16(w), dtype=torch.float32, device=device)
+
+
+def _cut(t: torch.Tensor, w: int) -> torch.Tensor:
+    return t if t.shape[1] == w else t[:, :w].contiguous()
+
 
 def _labels(labels, key_labels, device):
     if labels is None:
         z = torch.zeros(1, dtype=torch.long, device=device)
         return z, z
-    return labels.contiguous(), key_labels.contiguous()
+    return _in(labels), _in(key_labels)
 
 
 def _f32(n, device):
     return torch.empty(n, dtype=torch.float32, device=device)
 
 
+def _vecs(*ts):
+    """fp32, contiguous, aligned vectors (None stays None)."""
+    return tuple(None if t is None else _in(t.float()) for t in ts)
+
+
 def _mask_kw(labels, excl, decoupled, no_pos):
-    return dict(HAS_LABELS=labels is not None, NO_POS=no_pos, EXCL=excl, DECOUPLED=decoupled)
+    return dict(has_labels=labels is not None, no_pos=no_pos, excl=excl, decoupled=decoupled)
+
+
+def _kw(t: tl_tiles.Tiles, x: torch.Tensor):
+    return dict(ALLOW_TF32=_tf32(x), BLOCK_M=t.bm, BLOCK_N=t.bm, BLOCK_D=t.bd)
 
 
 def _rows_pass(a, b, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
-               transposed, tiles, out=None, idx=None):
+               transposed, tiles, out=None, idx=None, flags=None):
     """Row statistics of a against b (TRANSPOSED: the columns of the original problem).
-    ``idx``: only those rows (written into ``out`` at their own indices)."""
+    Only some rows, written into ``out`` at their own indices: ``idx`` (int32, the rows) or
+    ``flags`` (int32 per row, nonzero = do it; no host sync)."""
     n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bd, _ = tiles
     if out is None:
         out = (_f32(n_a, a.device), _f32(n_a, a.device), _f32(n_a, a.device))
     lse, psum, pcnt = out
     lab, klab = _labels(labels, key_labels, a.device)
-    n_rows = n_a if idx is None else idx.shape[0]
-    _K["lse_rows"][(triton.cdiv(n_rows, bm),)](
-        a, b, scale, bias if bias is not None else lse, lab, klab, lse, psum, pcnt,
-        idx if idx is not None else lab, n_rows, n_a, n_b, d, a.stride(0), b.stride(0), n_keys,
-        offset, HAS_BIAS=bias is not None, TRANSPOSED=transposed, HAS_IDX=idx is not None,
-        ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd,
-        **_mask_kw(labels, excl, decoupled, no_pos))
+    sel = idx if idx is not None else flags
+    n_sel = n_a if idx is None else idx.shape[0]
+    if sel is None:
+        sel = torch.zeros(1, dtype=torch.int32, device=a.device)
+    _K["lse_rows"][(triton.cdiv(n_sel, tiles.bm),)](
+        a, b, scale, bias if bias is not None else lse, lab, klab, lse, psum, pcnt, sel, n_sel,
+        n_a, n_b, d, a.stride(0), b.stride(0), n_keys, offset, bias is not None,
+        labels is not None, no_pos, excl, decoupled, idx is not None, flags is not None,
+        TRANSPOSED=transposed, **_kw(tiles, a))
     return lse, psum, pcnt
 
 
 def _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
                  tiles):
     """Fused forward: row and column statistics in one sweep, then the exact column pass over
-    only the columns whose one-sweep sum is not resolved (none, for well-scaled inputs)."""
+    only the columns whose one-sweep sum is not resolved (none, for well-scaled inputs): by
+    their indices (one host sync, O(M)), or, while a CUDA graph is being captured, by a flag
+    per column (no sync; every row block with a flagged column redoes its columns)."""
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    bm, bd, _ = tiles
     dev = x.device
     keys = y[:n_keys]
     # cref_j = |scale| · max_i ‖x_i‖ · ‖y_j‖ ≥ max_i z_ij (Cauchy–Schwarz), inflated by 2^-9
@@ -150,30 +208,36 @@ def _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decouple
     csum, cpsum, cpcnt = (torch.zeros(n_keys, dtype=torch.float32, device=dev)
                           for _ in range(3))
     lab, klab = _labels(labels, key_labels, dev)
-    _K["lse_rowcol"][(triton.cdiv(n, bm),)](
+    _K["lse_rowcol"][(triton.cdiv(n, tiles.bm),)](
         x, y, scale, cref, lab, klab, *row, csum, cpsum, cpcnt, n, m, d, x.stride(0),
-        y.stride(0), n_keys, offset, ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd,
-        **_mask_kw(labels, excl, decoupled, no_pos))
+        y.stride(0), n_keys, offset, **_mask_kw(labels, excl, decoupled, no_pos),
+        **_kw(tiles, x))
     # A NaN sum is a NaN column (kept); 0/tiny sums (an empty column, or a reference far above
     # the column's max) and a non-finite reference go to the exact pass.
     col_lse = cref + torch.log(csum)
     redo = (csum < _COL_SUM_FLOOR) | torch.isinf(csum) | ~torch.isfinite(cref)
-    idx = torch.nonzero(redo).flatten()  # host sync, O(M)
-    if idx.numel() > 0:
-        _rows_pass(keys, x, scale, None, labels, key_labels, n_keys, offset, excl, decoupled,
-                   no_pos, True, tiles, out=(col_lse, cpsum, cpcnt), idx=idx)
+    rest = dict(out=(col_lse, cpsum, cpcnt))
+    if capturing():
+        rest["flags"] = redo.to(torch.int32)
+    else:
+        idx = torch.nonzero(redo).flatten().to(torch.int32)  # host sync, O(M)
+        if idx.numel() == 0:
+            return (*row, col_lse, cpsum, cpcnt)
+        rest["idx"] = idx
+    _rows_pass(keys, x, scale, None, labels, key_labels, n_keys, offset, excl, decoupled,
+               no_pos, True, tiles, **rest)
     return (*row, col_lse, cpsum, cpcnt)
 
 
 def _contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled,
                      no_pos, want_cols):
-    x, y = x.contiguous(), y.contiguous()
-    scale = scale.float().reshape(1)
-    tiles = _tiles(x.shape[1], x)
+    x, y = _rows(x), _rows(y)
+    (scale,) = _vecs(scale.reshape(1))
+    tiles = _tiles(x)
     if want_cols and not deterministic():
         return _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decoupled,
                             no_pos, tiles)
-    b = None if bias is None else bias.float().contiguous()
+    (b,) = _vecs(bias)
     row = _rows_pass(x, y, scale, b, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
                      False, tiles)
     if not want_cols:
@@ -186,45 +250,42 @@ def _contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
 def _grad_pass(a, b, scale, biasc, biasr, lse_a, g_a, gp_a, lse_b, g_b, gp_b, labels,
                key_labels, n_keys, offset, excl, decoupled, no_pos, transposed, tiles):
     n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
-    bm, bd, bdo = tiles
-    out = torch.empty(n_a, d, dtype=torch.float32, device=a.device)
-    grid = triton.cdiv(n_a, bm)
+    out = _out(n_a, d, a.device)
+    grid = triton.cdiv(n_a, tiles.bm)
     dscale = _f32(grid, a.device)
     bterm = _f32(n_a, a.device)
     lab, klab = _labels(labels, key_labels, a.device)
     has_b = lse_b is not None
-    _K["grad_rows"][(grid, triton.cdiv(d, bdo))](
+    _K["grad_rows"][(grid, triton.cdiv(d, tiles.bdo))](
         a, b, out, scale, biasc if biasc is not None else dscale,
         biasr if biasr is not None else dscale, lse_a, g_a, gp_a,
         lse_b if has_b else lse_a, g_b if has_b else g_a, gp_b if has_b else gp_a,
         lab, klab, dscale, bterm, n_a, n_b, d, a.stride(0), b.stride(0), out.stride(0),
-        n_keys, offset, HAS_BIAS_C=biasc is not None, HAS_BIAS_R=biasr is not None,
-        HAS_B=has_b, TRANSPOSED=transposed, ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm,
-        BLOCK_D=bd, BLOCK_DO=bdo, **_mask_kw(labels, excl, decoupled, no_pos))
+        n_keys, offset, biasc is not None, biasr is not None, has_b,
+        **_mask_kw(labels, excl, decoupled, no_pos), TRANSPOSED=transposed,
+        BLOCK_DO=tiles.bdo, **_kw(tiles, a))
     return out, dscale, bterm
 
 
 def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled,
                      no_pos, row_lse, g_row, g_rowpos, col_lse, g_col, g_colpos):
-    x, y = x.contiguous(), y.contiguous()
-    scale = scale.float().reshape(1)
+    d0 = x.shape[1]
+    x, y = _rows(x), _rows(y)
+    (scale,) = _vecs(scale.reshape(1))
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    tiles = _tiles(d, x)
+    tiles = _tiles(x)
     f32 = dict(dtype=torch.float32, device=x.device)
-    b = None if bias is None else bias.float().contiguous()
-    row_lse, g_row, g_rowpos = (t.float().contiguous() for t in (row_lse, g_row, g_rowpos))
+    b, row_lse, g_row, g_rowpos = _vecs(bias, row_lse, g_row, g_rowpos)
     if col_lse is not None:
         # Column statistics over all M columns (extra negatives take no column term).
-        pad = m - n_keys
-        col_lse = torch.cat([col_lse.float(), torch.zeros(pad, **f32)])
-        g_col = torch.cat([g_col.float(), torch.zeros(pad, **f32)])
-        g_colpos = torch.cat([g_colpos.float(), torch.zeros(pad, **f32)])
+        pad = torch.zeros(m - n_keys, **f32)
+        col_lse, g_col, g_colpos = (torch.cat([t.float(), pad])
+                                    for t in (col_lse, g_col, g_colpos))
     mk = dict(labels=labels, key_labels=key_labels, n_keys=n_keys, offset=offset, excl=excl,
               decoupled=decoupled, no_pos=no_pos)
     if not deterministic():
-        bm, bd, bdo = tiles
-        grid = (triton.cdiv(n, bm), triton.cdiv(d, bdo))
-        dx = torch.empty(n, d, **f32)
+        grid = (triton.cdiv(n, tiles.bm), triton.cdiv(d, tiles.bdo_xy))
+        dx = _out(n, d, x.device)
         dy = torch.zeros(m, d, **f32)
         parts = torch.empty(grid[0], **f32)
         dbias = torch.zeros(m if b is not None else 0, **f32)
@@ -235,10 +296,10 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
             col_lse if has_col else row_lse, g_col if has_col else g_row,
             g_colpos if has_col else g_rowpos, lab, klab, parts,
             dbias if b is not None else parts, n, m, d, x.stride(0), y.stride(0), dx.stride(0),
-            dy.stride(0), n_keys, offset, HAS_BIAS=b is not None, HAS_COL=has_col,
-            ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, BLOCK_DO=bdo,
-            **_mask_kw(labels, excl, decoupled, no_pos))
-        return dx, dy, parts.double().sum().float(), dbias
+            dy.stride(0), n_keys, offset, b is not None, has_col,
+            **_mask_kw(labels, excl, decoupled, no_pos), BLOCK_DO=tiles.bdo_xy,
+            BLOCK_DY=tiles.bdy, **_kw(tiles, x))
+        return _cut(dx, d0), _cut(dy, d0), parts.double().sum().float(), dbias
     # dx: rows = queries; a-side = row statistics, b-side = column statistics.
     dx, dscale_parts, _ = _grad_pass(x, y, scale, b, None, row_lse, g_row, g_rowpos, col_lse,
                                      g_col, g_colpos, transposed=False, tiles=tiles, **mk)
@@ -251,169 +312,181 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
     dy, _, bterm = _grad_pass(y, x, scale, None, b, a_lse, a_g, a_gp, row_lse, g_row, g_rowpos,
                               transposed=True, tiles=tiles, **mk)
     dscale = dscale_parts.double().sum().float()
-    return dx, dy, dscale, (bterm if b is not None else _f32(0, x.device))
-
-
-def _kw(tiles):
-    bm, bd, _ = tiles
-    return dict(ALLOW_TF32=_tf32(), BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd)
+    return (_cut(dx, d0), _cut(dy, d0), dscale,
+            (bterm if b is not None else _f32(0, x.device)))
 
 
 def _siglip_fwd(x, y, scale, bias, offset):
-    x, y = x.contiguous(), y.contiguous()
+    x, y = _rows(x), _rows(y)
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    tiles = _tiles(d, x)
+    tiles = _tiles(x)
     out = _f32(n, x.device)
-    _K["siglip_fwd"][(triton.cdiv(n, tiles[0]),)](
-        x, y, scale.float().reshape(1), bias.float().reshape(1), out, n, m, d, x.stride(0),
-        y.stride(0), offset, **_kw(tiles))
+    scale, bias = _vecs(scale.reshape(1), bias.reshape(1))
+    _K["siglip_fwd"][(triton.cdiv(n, tiles.bm),)](
+        x, y, scale, bias, out, n, m, d, x.stride(0), y.stride(0), offset, **_kw(tiles, x))
     return out
 
 
 def _siglip_bwd(x, y, scale, bias, offset, g_row):
-    x, y = x.contiguous(), y.contiguous()
-    scale, bias = scale.float().reshape(1), bias.float().reshape(1)
-    g = g_row.float().contiguous()
+    d0 = x.shape[1]
+    x, y = _rows(x), _rows(y)
+    scale, bias, g = _vecs(scale.reshape(1), bias.reshape(1), g_row)
     d = x.shape[1]
-    tiles = _tiles(d, x)
-    bm, _, bdo = tiles
+    tiles = _tiles(x)
     outs = []
     for a, b, transposed in ((x, y, False), (y, x, True)):
-        grid = triton.cdiv(a.shape[0], bm)
-        out = torch.empty(a.shape[0], d, dtype=torch.float32, device=a.device)
+        grid = triton.cdiv(a.shape[0], tiles.bm)
+        out = _out(a.shape[0], d, a.device)
         parts = torch.empty(grid, 2, dtype=torch.float32, device=a.device)
-        _K["siglip_grad"][(grid, triton.cdiv(d, bdo))](
+        _K["siglip_grad"][(grid, triton.cdiv(d, tiles.bdo))](
             a, b, out, scale, bias, g, parts, a.shape[0], b.shape[0], d, a.stride(0),
             b.stride(0), out.stride(0), x.shape[0], offset, TRANSPOSED=transposed,
-            BLOCK_DO=bdo, **_kw(tiles))
+            BLOCK_DO=tiles.bdo, **_kw(tiles, x))
         outs.append((out, parts))
     # per-program fp32 partials, summed in fp64 (the contract's rule for these scalars)
     sums = outs[0][1].double().sum(0)
-    return outs[0][0], outs[1][0], sums[0].float(), sums[1].float()
+    return _cut(outs[0][0], d0), _cut(outs[1][0], d0), sums[0].float(), sums[1].float()
 
 
 def _ms_consts(alpha, beta, base, epsilon):
-    return dict(alpha=float(alpha), beta=float(beta), base=float(base),
-                epsilon=0.0 if epsilon is None else float(epsilon), HAS_EPS=epsilon is not None)
+    return (float(alpha), float(beta), float(base),
+            0.0 if epsilon is None else float(epsilon), epsilon is not None)
 
 
 def _ms_mine(x, y, labels, ref_labels, offset, exclude_self):
-    x, y = x.contiguous(), y.contiguous()
+    x, y = _rows(x), _rows(y)
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    tiles = _tiles(d, x)
+    tiles = _tiles(x)
     min_pos, max_neg = _f32(n, x.device), _f32(n, x.device)
-    _K["ms_mine"][(triton.cdiv(n, tiles[0]),)](
-        x, y, labels.contiguous(), ref_labels.contiguous(), min_pos, max_neg, n, m, d,
-        x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self, **_kw(tiles))
+    _K["ms_mine"][(triton.cdiv(n, tiles.bm),)](
+        x, y, _in(labels), _in(ref_labels), min_pos, max_neg, n, m, d, x.stride(0),
+        y.stride(0), offset, exclude_self, **_kw(tiles, x))
     return min_pos, max_neg
 
 
 def _ms_fwd(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
             min_pos, max_neg):
-    x, y = x.contiguous(), y.contiguous()
+    x, y = _rows(x), _rows(y)
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    tiles = _tiles(d, x)
+    tiles = _tiles(x)
     pos_lse, neg_lse = _f32(n, x.device), _f32(n, x.device)
-    mp = pos_lse if min_pos is None else min_pos
-    mn = pos_lse if max_neg is None else max_neg
-    _K["ms_fwd"][(triton.cdiv(n, tiles[0]),)](
-        x, y, labels.contiguous(), ref_labels.contiguous(), mp, mn, pos_lse, neg_lse, n, m, d,
-        x.stride(0), y.stride(0), offset, EXCL_SELF=exclude_self,
-        **_ms_consts(alpha, beta, base, epsilon), **_kw(tiles))
+    mp, mn = _vecs(min_pos, max_neg)
+    _K["ms_fwd"][(triton.cdiv(n, tiles.bm),)](
+        x, y, _in(labels), _in(ref_labels), pos_lse if mp is None else mp,
+        pos_lse if mn is None else mn, pos_lse, neg_lse, n, m, d, x.stride(0), y.stride(0),
+        offset, *_ms_consts(alpha, beta, base, epsilon), exclude_self, **_kw(tiles, x))
     return pos_lse, neg_lse
 
 
 def _ms_bwd(x, y, labels, ref_labels, offset, exclude_self, alpha, beta, base, epsilon,
             min_pos, max_neg, pos_lse, neg_lse, g):
-    x, y = x.contiguous(), y.contiguous()
+    d0 = x.shape[1]
+    x, y = _rows(x), _rows(y)
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    tiles = _tiles(d, x)
-    bm, _, bdo = tiles
-    g = g.float().contiguous()
-    mp = pos_lse if min_pos is None else min_pos
-    mn = pos_lse if max_neg is None else max_neg
-    labels, ref_labels = labels.contiguous(), ref_labels.contiguous()
+    tiles = _tiles(x)
+    g, pos_lse, neg_lse, mp, mn = _vecs(g, pos_lse, neg_lse, min_pos, max_neg)
+    mp = pos_lse if mp is None else mp
+    mn = pos_lse if mn is None else mn
+    labels, ref_labels = _in(labels), _in(ref_labels)
     grads = []
     for a, b, transposed in ((x, y, False), (y, x, True)):
-        out = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
-        _K["ms_grad"][(triton.cdiv(a.shape[0], bm), triton.cdiv(d, bdo))](
+        out = _out(a.shape[0], d, x.device)
+        _K["ms_grad"][(triton.cdiv(a.shape[0], tiles.bm), triton.cdiv(d, tiles.bdo))](
             a, b, out, labels, ref_labels, mp, mn, pos_lse, neg_lse, g, a.shape[0], b.shape[0],
-            d, a.stride(0), b.stride(0), out.stride(0), n, m, offset, EXCL_SELF=exclude_self,
-            TRANSPOSED=transposed, BLOCK_DO=bdo, **_ms_consts(alpha, beta, base, epsilon),
-            **_kw(tiles))
-        grads.append(out)
+            d, a.stride(0), b.stride(0), out.stride(0), n, m, offset,
+            *_ms_consts(alpha, beta, base, epsilon), exclude_self, TRANSPOSED=transposed,
+            BLOCK_DO=tiles.bdo, **_kw(tiles, x))
+        grads.append(_cut(out, d0))
     return grads[0], grads[1]
 
 
 def _topk(x, y, k, exclude_diagonal):
-    x, y = x.contiguous(), y.contiguous()
-    n, m, d = x.shape[0], y.shape[0], x.shape[1]
-    tiles = _tiles(d, x)
-    kw = _kw(tiles)
-    kw.pop("BLOCK_N")
-    bk = max(16, triton.next_power_of_2(k))
-    bm = kw["BLOCK_M"]
-    if tl_tiles.arch_for(x.device) != "interpret":
-        kw["BLOCK_M"] = min(bm, max(1, 4096 // bk), 16)  # keys: BM × BK int64
+    x, y = _rows(x), _rows(y)
+    n, m = x.shape[0], y.shape[0]
+    arch = tl_tiles.arch_for(x.device)
+    tk = tl_tiles.topk_tiles(k, x.shape[1], x.dtype, arch)
+    if tk is None:  # k above what one program keeps in registers
+        return _topk_blocked(x, y, k, exclude_diagonal)
+    bm, bk, bd = tk
     vals = torch.empty(n, k, dtype=torch.float32, device=x.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    _K["topk"][(triton.cdiv(n, kw["BLOCK_M"]),)](
-        x, y, vals, idx, n, m, d, k, x.stride(0), y.stride(0), EXCL=exclude_diagonal,
-        BLOCK_K=bk, **kw)
+    _K["topk"][(triton.cdiv(n, bm),)](
+        x, y, vals, idx, n, m, x.shape[1], k, x.stride(0), y.stride(0), exclude_diagonal,
+        ALLOW_TF32=_tf32(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd)
     return vals, idx
 
 
-def _block_e(e):
-    return max(16, min(64, triton.next_power_of_2(e)))
+#: Elements of one block of similarities in the large-k top-k (rows × M, fp32).
+_TOPK_BLOCK_ELEMS = 1 << 24
+
+
+def _topk_blocked(x, y, k, exclude_diagonal):
+    """top-k for k above the kernel's register budget: rows in blocks of at most
+    _TOPK_BLOCK_ELEMS similarities (never N×M), each block sorted stably (ties to the smaller
+    index, NaN first, as the kernel).  −0.0 compares equal to +0.0 as in the kernel."""
+    n, m = x.shape[0], y.shape[0]
+    vals = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    yf = y.float()
+    step = max(1, _TOPK_BLOCK_ELEMS // max(m, 1))
+    for r0 in range(0, n, step):
+        s = x[r0:r0 + step].float() @ yf.T
+        if exclude_diagonal:
+            r = torch.arange(r0, r0 + s.shape[0], device=x.device)
+            s[r - r0, r] = float("-inf")
+        sv, si = torch.sort(s, dim=1, descending=True, stable=True)
+        vals[r0:r0 + step] = sv[:, :k] + 0.0
+        idx[r0:r0 + step] = si[:, :k]
+    return vals, idx
 
 
 def _softmax_matmul_fwd(x, y, v, scale, bias):
-    x, y, v = x.contiguous(), y.contiguous(), v.contiguous()
+    e0 = v.shape[1]
+    x, y, v = _rows(x), _rows(y), _rows(v)
     n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
-    tiles = _tiles(d, x)
-    be = _block_e(e)
-    out = torch.empty(n, e, dtype=torch.float32, device=x.device)
+    tiles = _tiles(x)
+    be = tl_tiles.block_e(e, x.dtype, tl_tiles.arch_for(x.device))
+    out = _out(n, e, x.device)
     lse = _f32(n, x.device)
-    b = None if bias is None else bias.float().contiguous()
-    _K["smm_fwd"][(triton.cdiv(n, tiles[0]), triton.cdiv(e, be))](
-        x, y, v, scale.float().reshape(1), b if b is not None else lse, out, lse, n, m, d, e,
-        x.stride(0), y.stride(0), v.stride(0), out.stride(0), HAS_BIAS=b is not None,
-        BLOCK_E=be, **_kw(tiles))
-    return out, lse
+    scale, b = _vecs(scale.reshape(1), bias)
+    _K["smm_fwd"][(triton.cdiv(n, tiles.bm), triton.cdiv(e, be))](
+        x, y, v, scale, b if b is not None else lse, out, lse, n, m, d, e,
+        x.stride(0), y.stride(0), v.stride(0), out.stride(0), b is not None,
+        BLOCK_E=be, **_kw(tiles, x))
+    return _cut(out, e0), lse
 
 
 def _softmax_matmul_bwd(x, y, v, scale, bias, out, lse, g_out):
-    x, y = x.contiguous(), y.contiguous()
-    n, m, d, e = x.shape[0], y.shape[0], x.shape[1], v.shape[1]
-    tiles = _tiles(d, x)
-    bm, _, bdo = tiles
-    be = _block_e(e)
-    v = v.float().contiguous()  # O(M·E): the g_out·v tile then dots fp32 with fp32
-    scale = scale.float().reshape(1)
-    b = None if bias is None else bias.float().contiguous()
-    g = g_out.float().contiguous()
-    lse = lse.float().contiguous()
-    delta = (g * out.float()).sum(1)  # O(N·E)
+    d0 = x.shape[1]
+    x, y = _rows(x), _rows(y)
+    n, m, d = x.shape[0], y.shape[0], x.shape[1]
+    e0 = v.shape[1]
+    tiles = _tiles(x)
+    arch = tl_tiles.arch_for(x.device)
+    # fp32, padded: O(M·E) and O(N·E); the g_out·v tile then dots fp32 with fp32
+    v, g = _rows(v.float()), _rows(g_out.float())
+    e = v.shape[1]
+    scale, b, lse = _vecs(scale.reshape(1), bias, lse)
+    delta = (g_out.float() * out.float()).sum(1)  # O(N·E)
+    ek = tl_tiles.e_step(x.dtype, arch)
     grads, parts = [], []
     for a, bb, transposed in ((x, y, False), (y, x, True)):
-        grid = triton.cdiv(a.shape[0], bm)
-        o = torch.empty(a.shape[0], d, dtype=torch.float32, device=x.device)
+        grid = triton.cdiv(a.shape[0], tiles.bm)
+        o = _out(a.shape[0], d, x.device)
         part = torch.empty(grid + (m if transposed else 0), dtype=torch.float32,
                            device=x.device)
-        _K["smm_grad"][(grid, triton.cdiv(d, bdo))](
+        _K["smm_grad"][(grid, triton.cdiv(d, tiles.bdo))](
             a, bb, o, scale, b if b is not None else lse, lse, delta, g, v, part, n, m, d, e,
-            a.stride(0), bb.stride(0), o.stride(0), g.stride(0), v.stride(0),
-            HAS_BIAS=b is not None, TRANSPOSED=transposed, BLOCK_DO=bdo, BLOCK_E=be,
-            **_kw(tiles))
-        grads.append(o)
+            a.stride(0), bb.stride(0), o.stride(0), g.stride(0), v.stride(0), b is not None,
+            TRANSPOSED=transposed, BLOCK_DO=tiles.bdo, BLOCK_E=ek, **_kw(tiles, x))
+        grads.append(_cut(o, d0))
         parts.append((grid, part))
-    dv = torch.empty(m, e, dtype=torch.float32, device=x.device)
-    _K["smm_dv"][(triton.cdiv(m, bm), triton.cdiv(e, be))](
+    be = tl_tiles.block_e(e, x.dtype, arch)
+    dv = _out(m, e, x.device)
+    _K["smm_dv"][(triton.cdiv(m, tiles.bm), triton.cdiv(e, be))](
         x, y, dv, scale, b if b is not None else lse, lse, g, n, m, d, e, x.stride(0),
-        y.stride(0), dv.stride(0), g.stride(0), HAS_BIAS=b is not None, BLOCK_E=be,
-        **_kw(tiles))
+        y.stride(0), dv.stride(0), g.stride(0), b is not None, BLOCK_E=be, **_kw(tiles, x))
     grid_y, part_y = parts[1]
     dscale = parts[0][1].double().sum().float()
     dbias = part_y[grid_y:].clone() if b is not None else _f32(0, x.device)
-    return grads[0], grads[1], dv, dscale, dbias
-
+    return grads[0], grads[1], _cut(dv, e0), dscale, dbias
