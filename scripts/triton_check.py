@@ -79,30 +79,29 @@ def size_classes(values, class_of):
     return sorted(reps.values())
 
 
-def d_classes():
-    """Feature widths 1…MAX_D, one per class: the launchers pad D to a multiple of 16 (W16)
-    and use it only through the tile table and the (then always 16-divisible) row strides, so
-    a class is (padded or not, the tiles of W16 for every arch and dtype)."""
+def _width_classes(tile_of):
+    """Widths 1…MAX_D, one per class: the launchers pad a width to a multiple of 16 (W16) and
+    use it only through the tile tables (``tile_of(W16, dtype, arch)``) and the (then always
+    16-divisible) strides, so a class is (padded or not, those tiles for every arch and
+    dtype)."""
     _, launchers, tiles = _tb()
 
-    def cls(d):
-        w = launchers._w16(d)
-        return (w == d, tuple(tiles.tiles(w, dt, a) for a in tiles.ARCHS
-                              for dt in (torch.float32, torch.bfloat16)))
+    def cls(w):
+        w16 = launchers._w16(w)
+        return (w16 == w, tuple(tile_of(tiles)(w16, dt, a) for a in tiles.ARCHS
+                                for dt in (torch.float32, torch.bfloat16)))
 
     return size_classes(range(1, MAX_D + 1), cls)
+
+
+def d_classes():
+    """Feature widths D: through the op tiles (similarity tile, output chunks)."""
+    return _width_classes(lambda tiles: tiles.tiles)
 
 
 def e_classes():
-    """Value widths E of the softmax-weighted matmul: padded like D, used through BLOCK_E."""
-    _, launchers, tiles = _tb()
-
-    def cls(e):
-        w = launchers._w16(e)
-        return (w == e, tuple(tiles.block_e(w, dt, a) for a in tiles.ARCHS
-                              for dt in (torch.float32, torch.bfloat16)))
-
-    return size_classes(range(1, MAX_D + 1), cls)
+    """Value widths E of the softmax-weighted matmul: through BLOCK_E."""
+    return _width_classes(lambda tiles: tiles.block_e)
 
 
 def k_classes(m, d):
@@ -263,7 +262,8 @@ def _sample_calls(kern, x, y, at):
     kern.ms_bwd(x, x, lab, lab, 0, True, 2.0, 50.0, 0.5, 0.1, mp, mn, vec(n), vec(n), vec(n))
 
 
-def enumerate_specs(archs, dtypes, verbose=True, ds=None, sample=False, groups=OP_GROUPS):
+def enumerate_specs(archs, dtypes, verbose=True, ds=None, sample=False, groups=OP_GROUPS,
+                    es=None, ks=None):
     """Run the contract over its input space with recorders in place of the kernels.
     ``ds``: these feature widths instead of the D classes; ``sample``: only the calls of a few
     common losses (CLIP, SupCon, SigLIP, multi-similarity, softmax-matmul with E = D, top-10)
@@ -272,7 +272,7 @@ def enumerate_specs(archs, dtypes, verbose=True, ds=None, sample=False, groups=O
     kern = tb.TritonKernels()
     specs = {}
     ds = ds or d_classes()
-    es = e_classes()
+    es = es or e_classes()
     n, m, extra = 5, 7, 2
     if verbose:
         print(f"D classes ({len(ds)}): {ds}")
@@ -317,8 +317,8 @@ def enumerate_specs(archs, dtypes, verbose=True, ds=None, sample=False, groups=O
                             kern.softmax_matmul_bwd(x, y[:m], v, sc, b, torch.randn(n, e),
                                                     torch.randn(n), torch.randn(n, e))
                     yt = torch.randn(TOPK_M, d).to(dt)
-                    ks = k_classes(TOPK_M, d) if not sample else (10,)
-                    for k in ks if "topk" in groups else ():
+                    ks_d = ks or (k_classes(TOPK_M, d) if not sample else (10,))
+                    for k in ks_d if "topk" in groups else ():
                         for excl in (False, True):
                             origin[0] = ("topk", label, d)
                             kern.topk(x if not excl else yt[:n], yt, k, excl)
@@ -328,6 +328,20 @@ def enumerate_specs(archs, dtypes, verbose=True, ds=None, sample=False, groups=O
         launchers.capturing = saved_capture
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return specs
+
+
+#: Widths outside the classes' representatives: the gate enumerates these too and fails if they
+#: produce a specialization the classes do not (the classes would then miss one).
+SAMPLE_D = (3, 100, 257, 768, 1000, 4096)
+SAMPLE_E = (3, 130, 768)
+SAMPLE_K = (1, 5, 17, 64, 65, 300)
+
+
+def verify_classes(specs, archs, dtypes):
+    """The specializations of the sample widths that the classes' representatives miss."""
+    extra = enumerate_specs(archs, dtypes, verbose=False, ds=list(SAMPLE_D),
+                            es=list(SAMPLE_E), ks=list(SAMPLE_K))
+    return [s for k, s in extra.items() if k not in specs]
 
 
 # ------------------------------------------------------------------------------ compiling
@@ -507,8 +521,13 @@ def main(argv=None):
     ap.add_argument("--csv", help="also write the table as CSV to this file")
     args = ap.parse_args(argv)
     t0 = time.time()
-    specs = list(enumerate_specs(args.archs, args.dtypes, ds=args.d, sample=args.sample,
-                                 groups=args.ops).values())
+    found = enumerate_specs(args.archs, args.dtypes, ds=args.d, sample=args.sample,
+                            groups=args.ops)
+    missed = [] if (args.d or args.sample or args.ops != list(OP_GROUPS)) else \
+        verify_classes(found, args.archs, args.dtypes)
+    for s in missed:
+        print(f"CLASSES MISS: {s.kernel} {s.arch} {s.consts()} from {sorted(s.origins)[:3]}")
+    specs = list(found.values())
     if args.kernels:
         specs = [s for s in specs if s.kernel in args.kernels]
     if args.configs:
@@ -525,7 +544,7 @@ def main(argv=None):
     for (kname, arch), cnt in sorted(per.items()):
         print(f"  {kname:18s} {arch}: {cnt}")
     if args.list:
-        return 0
+        return 1 if missed else 0
     jobs = [(s.kernel, s.arch, s.signature, s.constexprs, s.attrs, s.options) for s in specs]
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
@@ -537,7 +556,8 @@ def main(argv=None):
     incons = consistency_problems(rows)
     wall = time.time() - t0
     summary = (f"triton-check: {len(table)} specializations, archs {' '.join(args.archs)}, "
-               f"{len(bad)} failing, {len(incons)} MMA inconsistencies; {wall:.0f} s wall "
+               f"{len(bad)} failing, {len(incons)} MMA inconsistencies, {len(missed)} missed by "
+               f"the D/E/k classes; {wall:.0f} s wall "
                f"({sum(r.get('seconds', 0) for r in results):.0f} s compile in {args.jobs} "
                f"processes), triton {__import__('triton').__version__}")
     header = f"# Triton ahead-of-time compile check\n\n{summary}"
@@ -551,7 +571,7 @@ def main(argv=None):
     for line in incons:
         print("MMA INCONSISTENT:", line)
     print(summary)
-    return 1 if bad or incons else 0
+    return 1 if bad or incons or missed else 0
 
 
 if __name__ == "__main__":
