@@ -1,7 +1,10 @@
 """Tile shapes and autotune configurations, per GPU architecture.
 
 Which table applies (``arch_for``): on a CUDA device its compute capability (``sm_90`` for 9.x
-and above, ``sm_80`` below); under ``TRITON_INTERPRET=1`` the small ``interpret`` table, or the
+and above, ``sm_80`` below; only sm_80 and sm_90a are compiled and checked by
+``make triton-check``: other capabilities run the nearest table unchecked; the sm_80 table's
+shared memory, ≤ 32 KB per block, also fits sm_86/sm_89); under ``TRITON_INTERPRET=1`` the
+small ``interpret`` table, or the
 table named by ``FUSED_LOSSES_TRITON_ARCH=sm_80|sm_90`` (so the shapes a GPU runs are run on
 CPU); ``FORCED_ARCH`` (set by scripts/triton_check.py) overrides both.
 
