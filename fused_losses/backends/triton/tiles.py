@@ -121,6 +121,10 @@ def topk_tiles(k: int, d: int, dtype: torch.dtype, arch: str):
 #: arch without spills.  maxnreg: without a .maxnreg, ptxas caps some kernels' registers for
 #: occupancy (64 or 128 at 8 warps) and spills to get there; with one, it fits them (set only
 #: where that happens: an unneeded .maxnreg lets ptxas use more registers than it needs).
+#: One config per entry for now (nothing measured on a GPU to choose between several): the
+#: autotuner then never benchmarks, so a first launch inside a CUDA-graph capture is safe.  A
+#: second config per entry makes it benchmark them at the first launch of each D (warm up
+#: before capturing), and adds its specializations to the gate.
 _CONFIGS = {
     "interpret": {("*", "*"): [(4, 1, None)]},
     "sm_80": {("*", "*"): [(8, 2, None)], ("topk", "*"): [(8, 2, 128)],
