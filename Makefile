@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench lint cuda-check clean test-integrations
+.PHONY: test bench lint cuda-check triton-check clean test-integrations
 
 # Re-install (and so rebuild the extension) when the build files or any C++/CUDA source change.
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc \
@@ -59,6 +59,11 @@ $(CU_STAMP): setup.py pyproject.toml
 
 test-integrations: $(CU_STAMP)
 	$(VENV_CU)/bin/python -m pytest -q -ra -p no:cacheprovider $(INTEGRATION_TESTS)
+
+# Every Triton kernel specialization the launchers can produce, compiled ahead of time for sm_80
+# and sm_90a (no GPU needed); fails on a register spill, a compile error or too much shared memory.
+triton-check: $(STAMP)
+	$(PY) scripts/triton_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info fused_losses/*.so

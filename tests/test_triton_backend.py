@@ -20,9 +20,10 @@ DEVICE = device_for("triton")
 
 
 def _tb():
-    from fused_losses.backends import triton as triton_backend
+    """The launchers module: the DETERMINISTIC switch and the launch functions live there."""
+    from fused_losses.backends.triton import launchers
 
-    return triton_backend
+    return launchers
 
 
 @pytest.fixture(params=[False, True], ids=["fused", "deterministic"])
@@ -262,3 +263,78 @@ def test_symmetric_nan_propagates(det_mode):
     ref = FL.info_nce(q.double(), k.double(), temperature=0.1, symmetric=True, reduction="none",
                       backend="reference")
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
+
+
+# ------------------------------------------------------------------- CUDA-graph capture path
+
+def test_capturing_is_false_outside_a_capture():
+    assert _tb().capturing() is False
+
+
+def test_fused_forward_redo_without_host_sync_while_capturing(monkeypatch):
+    """While a CUDA graph is being captured (``launchers.capturing()``), the fused forward's
+    exact column redo goes by a flag per column (every row block with a flagged column redoes
+    it) instead of ``torch.nonzero`` (a host sync, which capture forbids); same values."""
+    import sys
+
+    tb = _tb()
+    monkeypatch.setattr(tb, "DETERMINISTIC", False)
+    monkeypatch.setattr(tb, "capturing", lambda: True)
+    callers = []
+    nonzero = torch.nonzero
+
+    def spy_nonzero(*a, **kw):
+        callers.append(sys._getframe(1).f_globals.get("__name__"))
+        return nonzero(*a, **kw)
+
+    monkeypatch.setattr(torch, "nonzero", spy_nonzero)
+    redone = []
+    orig = tb._rows_pass
+
+    def spy(*args, **kw):
+        if kw.get("flags") is not None:
+            redone.append(int((kw["flags"] != 0).sum()))
+        assert kw.get("idx") is None
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(tb, "_rows_pass", spy)
+    gen = seeded()
+    q = randn(13, 16, gen=gen, scale=25.0)
+    q[3] *= 40.0  # as test_symmetric_unnormalized_logits_1e4: some columns need the redo
+    q.requires_grad_(True)
+    k = randn(13, 16, gen=gen, scale=25.0, requires_grad=True)
+    check_against_reference(
+        "triton", DEVICE, torch.float32,
+        lambda b, q, k: FL.info_nce(q, k, temperature=1.0, normalize=False, symmetric=True,
+                                    backend=b),
+        [q, k], f"sym large logits, capturing seed={gen.initial_seed()}")
+    assert redone and redone[0] > 0, redone
+    assert tb.__name__ not in callers, "torch.nonzero (a host sync) ran in the launchers"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scale", [14.0, 2000.0], ids=["resolved", "redo"])
+def test_cuda_graph_capture_of_fused_contrastive_forward(scale, monkeypatch):
+    """The kernel contract's fused CLIP forward (row and column statistics) captured into a
+    CUDA graph and replayed gives the eager values; at a huge logit scale the column redo runs
+    inside the graph."""
+    from fused_losses.backends.triton import TritonKernels
+    from fused_losses.kernels import PairMask
+
+    monkeypatch.setattr(_tb(), "DETERMINISTIC", False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 64, device="cuda", generator=gen)
+    y = torch.randn(300, 64, device="cuda", generator=gen)
+    x[7] *= 50.0
+    s = torch.tensor(scale, device="cuda")
+    kern, mask = TritonKernels(), PairMask(n_keys=300)
+    eager = kern.contrastive_fwd(x, y, s, None, mask, True)  # also compiles and autotunes
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kern.contrastive_fwd(x, y, s, None, mask, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(out, eager):
+        assert_rel(a, b, 1e-6, "captured vs eager")
