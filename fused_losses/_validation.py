@@ -8,8 +8,10 @@ sync per call): they propagate as NaN.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -69,7 +71,8 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
         if v.dtype != items[0][1].dtype:
             raise TypeError(
                 f"{k} has dtype {v.dtype} but {items[0][0]} has dtype {items[0][1].dtype}; "
-                "feature tensors must share one dtype"
+                "feature tensors must share one dtype (inside torch.autocast they are cast to "
+                "its dtype)"
             )
 
 
@@ -171,3 +174,58 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the autocast region enabled for ``device_type``, or None (also for device
+    types autocast does not know, such as ``meta``)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        pass
+    return None
+
+
+def autocast_features(*names: str) -> Callable[[Callable], Callable]:
+    """Declares a public op's autocast behaviour (SPEC §6), as torch's own matmul-like ops do.
+
+    Inside a ``torch.autocast`` region enabled for the features' device type, the feature
+    arguments ``names`` that are floating point and not float64 (torch's eligibility rule) are
+    cast to the region's dtype; the op then runs with autocast disabled, so it computes exactly
+    what it computes on features of that dtype outside autocast (fp32 accumulation, fp32 loss).
+    Outside autocast nothing is cast: mixed feature dtypes raise the usual TypeError."""
+
+    def deco(fn: Callable) -> Callable:
+        params = list(inspect.signature(fn).parameters)
+        where = [(n, params.index(n)) for n in names]
+
+        def features(args, kwargs):
+            for name, pos in where:
+                t = args[pos] if pos < len(args) else kwargs.get(name)
+                if isinstance(t, torch.Tensor):
+                    yield name, pos, t
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            first = next(features(args, kwargs), None)
+            if first is None:
+                return fn(*args, **kwargs)
+            device_type = first[2].device.type
+            dtype = _autocast_dtype(device_type)
+            if dtype is None:
+                return fn(*args, **kwargs)
+            args, kwargs = list(args), dict(kwargs)
+            for name, pos, t in list(features(args, kwargs)):
+                if t.is_floating_point() and t.dtype != torch.float64 and \
+                        t.device.type == device_type:
+                    if pos < len(args):
+                        args[pos] = t.to(dtype)
+                    else:
+                        kwargs[name] = t.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco

@@ -88,6 +88,7 @@ def _as_device_scalar(v: Scalar, device) -> Scalar:
 # §1 primitives
 
 
+@V.autocast_features("x", "y")
 def pairwise_logsumexp(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -122,6 +123,7 @@ def pairwise_logsumexp(
     return impl(x, y, _as_device_scalar(scale, x.device), bias, exclude_diagonal)
 
 
+@V.autocast_features("x", "y", "v")
 def pairwise_softmax_matmul(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -145,6 +147,7 @@ def pairwise_softmax_matmul(
     return impl(x, y, v, _as_device_scalar(scale, x.device), bias)
 
 
+@V.autocast_features("x", "y")
 def similarity_topk(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -171,6 +174,7 @@ def similarity_topk(
 # §2 InfoNCE family
 
 
+@V.autocast_features("query", "key", "extra_negatives")
 def info_nce(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -288,6 +292,7 @@ def info_nce(
     return (_reduce(row_loss, row_valid, reduction) + _reduce(col_loss, col_valid, reduction)) / 2
 
 
+@V.autocast_features("image_features", "text_features")
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -318,6 +323,7 @@ def _two_view_labels(n: int, device) -> torch.Tensor:
     return torch.cat([idx, idx])
 
 
+@V.autocast_features("z1", "z2")
 def nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -356,6 +362,7 @@ def nt_xent(
     )
 
 
+@V.autocast_features("features")
 def sup_con(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -383,6 +390,7 @@ def sup_con(
     )
 
 
+@V.autocast_features("image_features", "text_features")
 def siglip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -423,6 +431,7 @@ def siglip_loss(
 # §3 multi-similarity
 
 
+@V.autocast_features("embeddings", "ref_embeddings")
 def multi_similarity(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
