@@ -76,6 +76,13 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
             )
 
 
+def _isfinite(v) -> bool:
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float argument
+    # (a function default too) is a symbolic float, which comparisons guard on and
+    # math.isfinite cannot trace.
+    return v == v and v != math.inf and v != -math.inf
+
+
 def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) -> None:
     """A finite positive float, int, or one-element floating tensor (which may require grad)."""
     if isinstance(value, bool):
@@ -92,7 +99,7 @@ def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) ->
         v = float(value)
     else:
         raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
-    if not math.isfinite(v):
+    if not _isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {v}")
@@ -114,7 +121,7 @@ def check_finite_scalar(name: str, value: Any) -> None:
         v = float(value)
     else:
         raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
-    if not math.isfinite(v):
+    if not _isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
 
 

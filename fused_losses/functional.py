@@ -306,6 +306,13 @@ def clip_loss(
     """Symmetric CLIP loss: ``info_nce(image, text, logit_scale=logit_scale, symmetric=True)``.
     ``logit_scale`` is the exponentiated scale (OpenCLIP's ``logit_scale.exp()``), a float or a
     0-dim tensor that receives a gradient.  image/text: (N, D)."""
+    # checked here too, so that the errors name this function's arguments
+    _pair("image_features", image_features, "text_features", text_features, process_group)
+    if text_features.shape[0] < image_features.shape[0] and process_group is None:
+        raise ValueError(
+            f"text_features needs at least as many rows as image_features (the positive of "
+            f"image i is text i): got {image_features.shape[0]} and {text_features.shape[0]}"
+        )
     return info_nce(
         image_features,
         text_features,
@@ -456,14 +463,15 @@ def multi_similarity(
     ``"mean"`` averages over all N anchors.  Mining thresholds carry no gradient.
     """
     V.check_features("embeddings", embeddings, min_rows=_min_rows(process_group))
-    V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("ref_embeddings and ref_labels must be given together")
     exclude_self = ref_embeddings is None
+    if not exclude_self:  # the features first: a device mismatch is theirs, not the labels'
+        _pair("embeddings", embeddings, "ref_embeddings", ref_embeddings, process_group)
+    V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
     if exclude_self:
         ref_embeddings, ref_labels = embeddings, labels
     else:
-        _pair("embeddings", embeddings, "ref_embeddings", ref_embeddings, process_group)
         V.check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], embeddings.device)
     V.check_positive_scalar("alpha", alpha)
     V.check_positive_scalar("beta", beta)

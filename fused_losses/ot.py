@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from ._dispatch import resolve
+from ._dispatch import check_backend_name, resolve
 from .backends.reference import REFERENCE
 from .fused import first_order_only, records_graph
 from .kernels import acc_dtype
@@ -420,6 +420,7 @@ def sinkhorn_knopp(
     """
     V.check_positive_scalar("epsilon", epsilon)
     V.check_int("n_iters", n_iters, 0)
+    check_backend_name(backend)  # the scores path runs no backend op, but a typo must not pass
     if scores is not None and (z is not None or prototypes is not None):
         raise ValueError("pass either scores, or z and prototypes, not both")
     if scores is None:
