@@ -124,10 +124,6 @@ def _sizes(draw, backend):
     return draw(st.integers(1, top)), draw(st.integers(1, top)), draw(st.integers(1, 6))
 
 
-def _dtype(draw, backend):
-    return draw(st.sampled_from(dtypes_for(backend)))
-
-
 def _normalize(draw, d):
     # a normalized 1-D feature is ±1 and every gradient is 0 in exact arithmetic: relative errors
     # of rounding noise (found at once; test_losses.kernel_inputs runs D=1 unnormalized too)
@@ -435,11 +431,6 @@ def spec_sinkhorn_knopp(draw, backend, dtype):
 
 def spec_swav_loss(draw, backend, dtype):
     bsz, k, d = _sizes(draw, backend)
-    # fp32/fp64 only.  Known limitation (found): the streamed path returns its two gradient
-    # parts, r·∇LSE and −∇<z, t>/τ, each rounded to the input dtype, and they cancel (exactly for
-    # K = 1, where the loss is 0): in bf16 the error is ≈ eps(bf16)·|z|/τ, 6e-2 against a zero
-    # gradient at K = 1, 1.5e6 relative to a near-zero one at D = 1.
-    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     n_crops = draw(st.sampled_from([2, 3]))
     assign = draw(st.sampled_from([(0,), (0, 1), (1,)]))
     kw = dict(n_crops=n_crops, crops_for_assign=assign,
@@ -458,7 +449,11 @@ def spec_swav_loss(draw, backend, dtype):
     def fn(b, e, c, q):
         return FL.swav_loss(e, c, queue=q, backend=b, **kw)
 
-    return fn, [emb, protos, queue], {}, f"swav_loss {kw}"
+    # the streamed gradient is r·∇LSE − ∇<z, t>/τ, two parts of size ≈ |z||c|/τ that cancel
+    # (found: fp32, D = 1, a gradient of 1e-8 off by 1e-6): their rounding is the floor
+    grad_atol = 16 * torch.finfo(torch.float32).eps / kw["temperature"] * (
+        n_crops * bsz * k * d) ** 0.5 * 4.0
+    return fn, [emb, protos, queue], dict(grad_atol=grad_atol), f"swav_loss {kw}"
 
 
 SPECS = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("spec_")}
@@ -466,6 +461,14 @@ OP_OF = {"clip_loss": "info_nce", "nt_xent": "info_nce", "sup_con": "info_nce",
          "siglip_loss": "siglip", "sinkhorn": "ot_softmin", "sinkhorn_potentials": "ot_softmin",
          "transport_apply": "ot_plan_matmul", "sinkhorn_knopp": "pairwise_logsumexp",
          "swav_loss": "pairwise_softmax_matmul"}
+
+
+# swav_loss: fp32/fp64 only.  Known limitation (found): the streamed path returns its two
+# gradient parts, r·∇LSE and −∇<z, t>/τ, each rounded to the input dtype, and they cancel
+# (exactly for K = 1, where the loss is 0): in bf16 the error is ≈ eps(bf16)·|z|/τ, 6e-2 against
+# a zero gradient at K = 1, 1.5e6 relative to a near-zero one at D = 1.
+FP32_OR_64_ONLY = {"swav_loss": lambda b: [d for d in dtypes_for(b)
+                                           if d in (torch.float32, torch.float64)]}
 
 
 def test_every_public_op_has_a_spec():
@@ -481,7 +484,7 @@ def test_valid_arguments_match_the_reference(backend, device, op):
 
     @st.composite
     def cases(draw):
-        dtype = _dtype(draw, backend)
+        dtype = draw(st.sampled_from(FP32_OR_64_ONLY.get(op, dtypes_for)(backend)))
         return dtype, SPECS[op](draw, backend, dtype)
 
     def body(case):
