@@ -306,8 +306,10 @@ def clip_loss(
     """Symmetric CLIP loss: ``info_nce(image, text, logit_scale=logit_scale, symmetric=True)``.
     ``logit_scale`` is the exponentiated scale (OpenCLIP's ``logit_scale.exp()``), a float or a
     0-dim tensor that receives a gradient.  image/text: (N, D)."""
-    # checked here too, so that the errors name this function's arguments
+    # checked here too, so that the errors name this function's arguments; logit_scale=None
+    # would make info_nce fall back to its default temperature
     _pair("image_features", image_features, "text_features", text_features, process_group)
+    V.check_positive_scalar("logit_scale", logit_scale)
     if text_features.shape[0] < image_features.shape[0] and process_group is None:
         raise ValueError(
             f"text_features needs at least as many rows as image_features (the positive of "
