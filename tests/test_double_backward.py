@@ -291,3 +291,13 @@ def test_double_backward_never_holds_an_nxn_matrix():
     ref = _extra_bytes("reference", ref_n)
     assert ref > ref_n * ref_n * 4, f"reference grew by only {ref / 2**20:.0f} MiB"
 
+
+
+@pytest.mark.skipif("cpu" not in FL.available_backends(), reason="the cpu extension is not built")
+def test_third_order_raises_naming_the_op():
+    gen = seeded()
+    x, y = (_feat(gen, 4).requires_grad_() for _ in range(2))
+    (g,) = torch.autograd.grad(FL.clip_loss(x, y, 5.0, backend="cpu"), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"fused_losses\.info_nce: third-order"):
+        torch.autograd.grad(h.pow(2).sum(), x)
