@@ -278,9 +278,11 @@ std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T sca
   return {row_lse, row_ps, row_pc, col_lse, cps, cpc};
 }
 
+// n_keys is a SymInt in the schema: under torch.compile(dynamic=True) it is the (symbolic) key
+// count, and an int schema would specialize the graph to each batch size.
 std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
                                     optional<Tensor> labels, optional<Tensor> key_labels,
-                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
+                                    c10::SymInt n_keys, int64_t offset, bool exclude_diagonal,
                                     bool decoupled, bool no_positives, bool want_cols) {
   // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
   // parallel workers would not see a NoGradGuard).
@@ -288,8 +290,8 @@ std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<T
   y = y.detach();
   check_pair(x, y);
   check_bias(bias, x, y);
-  const MaskArgs args{labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
-                      no_positives};
+  const MaskArgs args{labels, key_labels, n_keys.expect_int(), offset, exclude_diagonal,
+                      decoupled, no_positives};
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
     return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias,
                                           make_mask<scalar_t>(x, y, args), want_cols);
@@ -349,7 +351,7 @@ std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T sca
 
 std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
                                     optional<Tensor> labels, optional<Tensor> key_labels,
-                                    int64_t n_keys, int64_t offset, bool exclude_diagonal,
+                                    c10::SymInt n_keys, int64_t offset, bool exclude_diagonal,
                                     bool decoupled, bool no_positives, Tensor row_lse,
                                     Tensor g_row, Tensor g_rowpos, optional<Tensor> col_lse,
                                     optional<Tensor> g_col, optional<Tensor> g_colpos) {
@@ -357,8 +359,8 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
   y = y.detach();
   check_pair(x, y);
   check_bias(bias, x, y);
-  const MaskArgs args{labels, key_labels, n_keys, offset, exclude_diagonal, decoupled,
-                      no_positives};
+  const MaskArgs args{labels, key_labels, n_keys.expect_int(), offset, exclude_diagonal,
+                      decoupled, no_positives};
   auto c = [](const optional<Tensor>& t) -> optional<Tensor> {
     return t.has_value() ? optional<Tensor>(t->contiguous()) : t;
   };

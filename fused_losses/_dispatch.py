@@ -102,11 +102,19 @@ def available_backends(op: str | None = None) -> list[str]:
     return out
 
 
+def check_backend_name(backend) -> str:
+    """``backend`` is ``"auto"`` or one of BACKEND_NAMES (TypeError/ValueError otherwise)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend
+
+
 def resolve(op: str, backend: str, tensors: Iterable[torch.Tensor | None]) -> Callable:
     """The implementation of ``op`` that ``backend`` names (or the best one, for ``"auto"``)."""
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    check_backend_name(backend)
     if backend == "auto":
         reasons = []
         ranked = sorted(registered_backends(),
@@ -117,8 +125,6 @@ def resolve(op: str, backend: str, tensors: Iterable[torch.Tensor | None]) -> Ca
                 return _BACKENDS[name].ops[op]
             reasons.append(f"{name}: {why}")
         raise RuntimeError(f"no backend can run {op!r} on these inputs: " + "; ".join(reasons))
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     if backend not in _BACKENDS:
         raise RuntimeError(
             f"backend={backend!r} is not available in this installation "

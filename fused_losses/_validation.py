@@ -8,8 +8,10 @@ sync per call): they propagate as NaN.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -69,8 +71,16 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
         if v.dtype != items[0][1].dtype:
             raise TypeError(
                 f"{k} has dtype {v.dtype} but {items[0][0]} has dtype {items[0][1].dtype}; "
-                "feature tensors must share one dtype"
+                "feature tensors must share one dtype (inside torch.autocast they are cast to "
+                "its dtype)"
             )
+
+
+def _isfinite(v) -> bool:
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float argument
+    # (a function default too) is a symbolic float, which comparisons guard on and
+    # math.isfinite cannot trace.
+    return v == v and v != math.inf and v != -math.inf
 
 
 def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -89,7 +99,7 @@ def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) ->
         v = float(value)
     else:
         raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
-    if not math.isfinite(v):
+    if not _isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {v}")
@@ -111,7 +121,7 @@ def check_finite_scalar(name: str, value: Any) -> None:
         v = float(value)
     else:
         raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
-    if not math.isfinite(v):
+    if not _isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
 
 
@@ -171,3 +181,58 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the autocast region enabled for ``device_type``, or None (also for device
+    types autocast does not know, such as ``meta``)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        pass
+    return None
+
+
+def autocast_features(*names: str) -> Callable[[Callable], Callable]:
+    """Declares a public op's autocast behaviour (SPEC §6), as torch's own matmul-like ops do.
+
+    Inside a ``torch.autocast`` region enabled for the features' device type, the feature
+    arguments ``names`` that are floating point and not float64 (torch's eligibility rule) are
+    cast to the region's dtype; the op then runs with autocast disabled, so it computes exactly
+    what it computes on features of that dtype outside autocast (fp32 accumulation, fp32 loss).
+    Outside autocast nothing is cast: mixed feature dtypes raise the usual TypeError."""
+
+    def deco(fn: Callable) -> Callable:
+        params = list(inspect.signature(fn).parameters)
+        where = [(n, params.index(n)) for n in names]
+
+        def features(args, kwargs):
+            for name, pos in where:
+                t = args[pos] if pos < len(args) else kwargs.get(name)
+                if isinstance(t, torch.Tensor):
+                    yield name, pos, t
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            first = next(features(args, kwargs), None)
+            if first is None:
+                return fn(*args, **kwargs)
+            device_type = first[2].device.type
+            dtype = _autocast_dtype(device_type)
+            if dtype is None:
+                return fn(*args, **kwargs)
+            args, kwargs = list(args), dict(kwargs)
+            for name, pos, t in list(features(args, kwargs)):
+                if t.is_floating_point() and t.dtype != torch.float64 and \
+                        t.device.type == device_type:
+                    if pos < len(args):
+                        args[pos] = t.to(dtype)
+                    else:
+                        kwargs[name] = t.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco

@@ -127,7 +127,11 @@ def _gather_padded(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
 
 
 class _AllGatherRows(torch.autograd.Function):
-    """Gather rows of uneven count; backward = reduce-scatter (sum) back to the owner."""
+    """Gather rows of uneven count; backward = reduce-scatter (sum) back to the owner.
+
+    Each collective's backward is the other collective as an autograd Function, so a recorded
+    backward (create_graph=True) is differentiable again and second-order gradients stay exact
+    (every rank must then run the second backward too: it contains collectives)."""
 
     @staticmethod
     def forward(ctx, x, sizes, rank, group):
@@ -136,7 +140,16 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        sizes, rank, group = ctx.sizes, ctx.rank, ctx.group
+        return _ReduceScatterRows.apply(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """The adjoint of :class:`_AllGatherRows`: each gathered row's gradient summed over the
+    ranks, delivered to the rank that owns the row; backward = all-gather."""
+
+    @staticmethod
+    def forward(ctx, grad, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
         world, most = len(sizes), max(sizes)
         grad = grad.contiguous()
         if all(s == most for s in sizes):
@@ -149,7 +162,11 @@ class _AllGatherRows(torch.autograd.Function):
                 start += s
         out = grad.new_empty((most,) + tuple(grad.shape[1:]))
         _reduce_scatter_single(out, padded, op=dist.ReduceOp.SUM, group=group)
-        return out[: sizes[rank]], None, None, None
+        return out[: sizes[rank]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllGatherRows.apply(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -164,9 +181,7 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.detach().clone().contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        return _AllReduceSum.apply(grad, ctx.group), None  # self-adjoint
 
 
 def all_gather_rows(x: torch.Tensor, process_group, sizes: list[int] | None = None) -> torch.Tensor:

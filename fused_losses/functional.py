@@ -88,6 +88,7 @@ def _as_device_scalar(v: Scalar, device) -> Scalar:
 # §1 primitives
 
 
+@V.autocast_features("x", "y")
 def pairwise_logsumexp(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -122,6 +123,7 @@ def pairwise_logsumexp(
     return impl(x, y, _as_device_scalar(scale, x.device), bias, exclude_diagonal)
 
 
+@V.autocast_features("x", "y", "v")
 def pairwise_softmax_matmul(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -145,6 +147,7 @@ def pairwise_softmax_matmul(
     return impl(x, y, v, _as_device_scalar(scale, x.device), bias)
 
 
+@V.autocast_features("x", "y")
 def similarity_topk(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -171,6 +174,7 @@ def similarity_topk(
 # §2 InfoNCE family
 
 
+@V.autocast_features("query", "key", "extra_negatives")
 def info_nce(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -288,6 +292,7 @@ def info_nce(
     return (_reduce(row_loss, row_valid, reduction) + _reduce(col_loss, col_valid, reduction)) / 2
 
 
+@V.autocast_features("image_features", "text_features")
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -301,6 +306,15 @@ def clip_loss(
     """Symmetric CLIP loss: ``info_nce(image, text, logit_scale=logit_scale, symmetric=True)``.
     ``logit_scale`` is the exponentiated scale (OpenCLIP's ``logit_scale.exp()``), a float or a
     0-dim tensor that receives a gradient.  image/text: (N, D)."""
+    # checked here too, so that the errors name this function's arguments; logit_scale=None
+    # would make info_nce fall back to its default temperature
+    _pair("image_features", image_features, "text_features", text_features, process_group)
+    V.check_positive_scalar("logit_scale", logit_scale)
+    if text_features.shape[0] < image_features.shape[0] and process_group is None:
+        raise ValueError(
+            f"text_features needs at least as many rows as image_features (the positive of "
+            f"image i is text i): got {image_features.shape[0]} and {text_features.shape[0]}"
+        )
     return info_nce(
         image_features,
         text_features,
@@ -318,6 +332,7 @@ def _two_view_labels(n: int, device) -> torch.Tensor:
     return torch.cat([idx, idx])
 
 
+@V.autocast_features("z1", "z2")
 def nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -356,6 +371,7 @@ def nt_xent(
     )
 
 
+@V.autocast_features("features")
 def sup_con(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -383,6 +399,7 @@ def sup_con(
     )
 
 
+@V.autocast_features("image_features", "text_features")
 def siglip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -423,6 +440,7 @@ def siglip_loss(
 # §3 multi-similarity
 
 
+@V.autocast_features("embeddings", "ref_embeddings")
 def multi_similarity(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -447,14 +465,15 @@ def multi_similarity(
     ``"mean"`` averages over all N anchors.  Mining thresholds carry no gradient.
     """
     V.check_features("embeddings", embeddings, min_rows=_min_rows(process_group))
-    V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("ref_embeddings and ref_labels must be given together")
     exclude_self = ref_embeddings is None
+    if not exclude_self:  # the features first: a device mismatch is theirs, not the labels'
+        _pair("embeddings", embeddings, "ref_embeddings", ref_embeddings, process_group)
+    V.check_labels("labels", labels, embeddings.shape[0], embeddings.device)
     if exclude_self:
         ref_embeddings, ref_labels = embeddings, labels
     else:
-        _pair("embeddings", embeddings, "ref_embeddings", ref_embeddings, process_group)
         V.check_labels("ref_labels", ref_labels, ref_embeddings.shape[0], embeddings.device)
     V.check_positive_scalar("alpha", alpha)
     V.check_positive_scalar("beta", beta)

@@ -40,6 +40,158 @@ def _anchor_loss(lse, pos_sum, pos_cnt):
     return loss, valid
 
 
+# ------------------------------------------------------------------ second order (SPEC §6)
+# A backward runs with grad mode on exactly when autograd records it (``create_graph=True``).
+# The kernels are opaque to autograd: a gradient they return is a constant to the recorded
+# graph, so a second backward through it would silently miss the op's own second derivative
+# (torch only warns, from its fallback for ops without an autograd kernel: "an autograd kernel
+# was not registered").  Hence a recorded backward never hands autograd a kernel's result as is:
+#  - exact ops (the InfoNCE family, SigLIP, the primitives) return the kernels' first-order
+#    gradient through :class:`_Gradient`, an autograd Function whose own backward (the
+#    second-order pass) recomputes the gradient in plain torch, one row block of at most
+#    _DIFF_BLOCK similarities at a time, and backpropagates through that block at once: no
+#    N×M tensor, nothing of a block kept after it (O(block·M) at a time, O((N+M)·D) kept);
+#  - the others compute it without a graph and tie it to a node that raises a RuntimeError
+#    naming the op at the second backward (:func:`first_order_only`).
+# The kernels themselves never see a tensor that autograd could follow.
+
+_DIFF_BLOCK = 1 << 19  # similarities per row block of the second-order recomputation
+
+
+def records_graph(*tensors) -> bool:
+    """Inside a backward: is it being recorded (create_graph=True) and does any of ``tensors``
+    (saved inputs, upstream gradients) carry a graph that a second backward could follow?"""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+class _OrderError(torch.autograd.Function):
+    """Identity on the first ``n`` tensors, tied to the rest; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def first_order_only(op: str, why: str, grads, tied, what: str = "second-order gradients"):
+    """``grads`` (computed without a graph) tied to the tensors ``tied`` they depend on (saved
+    inputs and upstream gradients), so that a backward through them raises a RuntimeError
+    naming ``op`` instead of treating them as constants.  Call it when :func:`records_graph`;
+    None entries stay None."""
+    idx = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    tied = [t for t in tied if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not idx or not tied:
+        return tuple(grads)
+    msg = (f"fused_losses.{op}: {what} (a backward through a gradient taken with "
+           f"create_graph=True) are not supported: {why}")
+    outs = _OrderError.apply(msg, len(idx), *(grads[i] for i in idx), *tied)
+    res = list(grads)
+    for i, o in zip(idx, outs):
+        res[i] = o
+    return tuple(res)
+
+
+class _Gradient(torch.autograd.Function):
+    """An op's first-order gradient as a function autograd can differentiate once more.
+
+    ``forward(ctx, op, kernel_grad, sweeps, *tensors)`` returns ``kernel_grad(*tensors)`` (the
+    kernels; a tuple of gradient tensors).  Its backward is a vector-Jacobian product by plain
+    torch: each sweep ``(fn, n, m, row_out, sum_outs)`` runs ``fn(a, b, *tensors)`` -> ``(rows
+    a:b of output row_out, *the parts of outputs sum_outs)`` over row blocks a:b of ``n`` rows
+    (against ``m`` columns), differentiable, and backpropagates each block at once.  The sum
+    over the sweeps of those parts is the first-order gradient.  A backward of this backward
+    (third order) raises."""
+
+    @staticmethod
+    def forward(ctx, op, kernel_grad, sweeps, *tensors):
+        ctx.op, ctx.sweeps = op, sweeps
+        ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)  # an unused output (dscale of a float scale): None
+        return kernel_grad(*tensors)
+
+    @staticmethod
+    def backward(ctx, *cots):
+        tensors = ctx.saved_tensors
+        want = [ctx.needs_input_grad[3 + i] for i in range(len(tensors))]
+        with torch.no_grad():
+            grads = _vjp_sweeps(ctx.sweeps, tensors, want, cots)
+        if records_graph(*tensors, *(c for c in cots if c is not None)):
+            grads = first_order_only(ctx.op, "the second-order pass is not differentiable",
+                                     grads, (*tensors, *cots), "third-order gradients")
+        return (None, None, None, *grads)
+
+
+def _vjp_sweeps(sweeps, tensors, want, cots):
+    leaves = [t.detach().requires_grad_(w) if isinstance(t, torch.Tensor) else t
+              for t, w in zip(tensors, want)]
+    diff = [i for i, w in enumerate(want) if w]
+    grads = [None] * len(tensors)
+    for fn, n, m, row_out, sum_outs in sweeps:
+        step = max(1, _DIFF_BLOCK // max(1, m))
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            with torch.enable_grad():
+                outs = fn(a, b, *leaves)
+                rows = cots[row_out]
+                pairs = [(outs[0], None if rows is None else rows[a:b])]
+                pairs += [(o, cots[k]) for o, k in zip(outs[1:], sum_outs)]
+                pairs = [(o, c) for o, c in pairs
+                         if o is not None and c is not None and o.requires_grad]
+                if not pairs:
+                    continue
+                got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in diff],
+                                          [c for _, c in pairs], allow_unused=True)
+            for i, g in zip(diff, got):
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i].add_(g)
+    return [g if g is not None or not w else torch.zeros_like(t)
+            for g, w, t in zip(grads, want, tensors)]
+
+
+def _exact_sum(t: torch.Tensor, acc) -> torch.Tensor:
+    """Σ of an N·M tile in fp64 (as the kernel contract asks for dscale), back to ``acc``."""
+    return t.sum(1).double().sum().to(acc)
+
+
+def _masked_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Row softmax over the kept entries, 0 elsewhere and on rows with nothing kept; its
+    gradient is finite everywhere (no exp of a masked-out entry, no -inf - -inf)."""
+    any_kept = keep.any(1, keepdim=True)
+    z = z.masked_fill(~keep, NEG_INF).masked_fill(~any_kept, 0.0)
+    return torch.softmax(z, dim=1).masked_fill(~keep, 0.0)
+
+
+def _lse_rows_grad(a, b, x, y, scale, bias, mask, g, gpos):
+    """Rows a:b of the first-order gradient of ``Σ_i g_i LSE_{j∈cand}(z_ij + bias_j) −
+    gpos_i Σ_{j∈pos} z_ij`` (the contrastive_bwd contract without the column term), recomputed
+    differentiably: ``(dx rows, dy, dscale, dbias)``."""
+    acc = acc_dtype(x.dtype)
+    xb, yf = x[a:b].to(acc), y.to(acc)
+    s = xb @ yf.T
+    z = scale * s
+    pos, cand = mask.tile(torch.arange(a, b, device=x.device),
+                          torch.arange(y.shape[0], device=x.device))
+    zb = z if bias is None else z + bias[None, :]
+    p = torch.softmax(zb, dim=1) if mask.all_candidates else _masked_softmax(zb, cand)
+    d_row = g[a:b, None] * p
+    dz = d_row if mask.no_positives else d_row - torch.where(
+        pos, gpos[a:b, None], torch.zeros((), dtype=acc, device=x.device))
+    return (scale * (dz @ yf), scale * (dz.T @ xb), _exact_sum(dz * s, acc),
+            None if bias is None else d_row.sum(0))
+
+
+def _first_order(op, kernel_grad, sweeps, tensors):
+    """``kernel_grad(*tensors)``, through :class:`_Gradient` when this backward is recorded."""
+    if records_graph(*tensors):
+        return _Gradient.apply(op, kernel_grad, sweeps, *tensors)
+    return kernel_grad(*tensors)
+
+
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, mask, want_cols, x, y, scale):
@@ -67,8 +219,23 @@ class _InfoNCE(torch.autograd.Function):
             g_colpos = g_col / cpc.clamp_min(1)
         else:
             col_lse = g_col = g_colpos = None
-        dx, dy, dscale, _ = ctx.kernels.contrastive_bwd(
-            x, y, scale, None, ctx.mask, row_lse, g_row, g_rowpos, col_lse, g_col, g_colpos)
+        kernels, mask = ctx.kernels, ctx.mask
+
+        def kernel_grad(x, y, scale, g_row, g_rowpos, g_col=None, g_colpos=None):
+            return kernels.contrastive_bwd(x, y, scale, None, mask, row_lse, g_row, g_rowpos,
+                                           col_lse, g_col, g_colpos)[:3]
+
+        # second order: the row loss over row blocks of the queries, the column loss as the
+        # row loss of the transposed problem (keys as anchors over the queries)
+        sweeps = [(lambda a, b, x, y, s, gr, grp, *_: _lse_rows_grad(
+            a, b, x, y, s, None, mask, gr, grp)[:3], x.shape[0], y.shape[0], 0, (1, 2))]
+        tensors = (x, y, scale, g_row, g_rowpos)
+        if ctx.want_cols:
+            mask_t = mask.transposed(x.shape[0])
+            sweeps.append((lambda a, b, x, y, s, gr, grp, gc, gcp: _lse_rows_grad(
+                a, b, y, x, s, None, mask_t, gc, gcp)[:3], mask.n_keys, x.shape[0], 1, (0, 2)))
+            tensors += (g_col, g_colpos)
+        dx, dy, dscale = _first_order("info_nce", kernel_grad, sweeps, tensors)
         return (None, None, None, dx.to(x.dtype), dy.to(y.dtype),
                 dscale if ctx.needs_input_grad[5] else None)
 
@@ -104,9 +271,21 @@ class _RowLSE(torch.autograd.Function):
         x, y, scale, bias, lse = ctx.saved_tensors
         empty = lse == NEG_INF
         g = g.masked_fill(empty, 0.0)
-        dx, dy, dscale, dbias = ctx.kernels.contrastive_bwd(
-            x, y, scale, bias, ctx.mask, lse.masked_fill(empty, 0.0), g, torch.zeros_like(g),
-            None, None, None)
+        lse = lse.masked_fill(empty, 0.0)
+        kernels, mask = ctx.kernels, ctx.mask
+
+        def kernel_grad(x, y, scale, g, bias=None):
+            out = kernels.contrastive_bwd(x, y, scale, bias, mask, lse, g, torch.zeros_like(g),
+                                          None, None, None)
+            return out if bias is not None else out[:3]
+
+        # (no positives: the mask selects no pair for the gpos term, g stands in for it)
+        sweeps = [(lambda a, b, x, y, s, g, *bias: _lse_rows_grad(
+            a, b, x, y, s, bias[0] if bias else None, mask, g, g)[:3 + len(bias)],
+            x.shape[0], y.shape[0], 0, (1, 2, 3))]
+        tensors = (x, y, scale, g) + ((bias,) if bias is not None else ())
+        dx, dy, dscale, *dbias = _first_order("pairwise_logsumexp", kernel_grad, sweeps, tensors)
+        dbias = dbias[0] if dbias else None
         return (None, None, dx.to(x.dtype), dy.to(y.dtype),
                 dscale if ctx.needs_input_grad[4] else None,
                 dbias if ctx.has_bias and ctx.needs_input_grad[5] else None)
@@ -123,6 +302,17 @@ def _pairwise_logsumexp(kernels):
     return pairwise_logsumexp
 
 
+def _siglip_rows_grad(a, b, x, y, scale, bias, offset, g_row):
+    """Rows a:b of the siglip_bwd contract, differentiable: (dx rows, dy, dscale, dbias)."""
+    acc = acc_dtype(x.dtype)
+    xb, yf = x[a:b].to(acc), y.to(acc)
+    s = xb @ yf.T
+    cols = torch.arange(y.shape[0], device=x.device)
+    sign = 2.0 * (cols[None, :] == torch.arange(a, b, device=x.device)[:, None] + offset) - 1.0
+    g = -g_row[a:b, None] * sign * torch.sigmoid(-sign * (scale * s + bias))
+    return scale * (g @ yf), scale * (g.T @ xb), _exact_sum(g * s, acc), _exact_sum(g, acc)
+
+
 class _SigLip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, offset, x, y, scale, bias):
@@ -133,7 +323,12 @@ class _SigLip(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_row):
         x, y, scale, bias = ctx.saved_tensors
-        dx, dy, dscale, dbias = ctx.kernels.siglip_bwd(x, y, scale, bias, ctx.offset, g_row)
+        kernels, offset = ctx.kernels, ctx.offset
+        sweeps = [(lambda a, b, x, y, s, c, g: _siglip_rows_grad(a, b, x, y, s, c, offset, g),
+                   x.shape[0], y.shape[0], 0, (1, 2, 3))]
+        dx, dy, dscale, dbias = _first_order(
+            "siglip_loss", lambda x, y, s, c, g: tuple(kernels.siglip_bwd(x, y, s, c, offset, g)),
+            sweeps, (x, y, scale, bias, g_row))
         return (None, None, dx.to(x.dtype), dy.to(y.dtype),
                 dscale if ctx.needs_input_grad[4] else None,
                 dbias if ctx.needs_input_grad[5] else None)
@@ -179,11 +374,18 @@ class _MultiSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y, pos_lse, neg_lse = ctx.saved_tensors
-        y = x if ctx.same else y
-        dx, dy = ctx.kernels.ms_bwd(x, y, *ctx.args, pos_lse, neg_lse, g.contiguous())
-        if ctx.same:
-            return (None,) * 9 + ((dx + dy).to(x.dtype), None)
-        return (None,) * 9 + (dx.to(x.dtype), dy.to(y.dtype))
+        with torch.no_grad():
+            dx, dy = ctx.kernels.ms_bwd(x, x if ctx.same else y, *ctx.args, pos_lse, neg_lse,
+                                        g.contiguous())
+            if ctx.same:
+                grads = ((dx + dy).to(x.dtype), None)
+            else:
+                grads = (dx.to(x.dtype), dy.to(y.dtype))
+        if records_graph(x, y, g):
+            grads = first_order_only(
+                "multi_similarity", "its mining mask is re-derived by the kernels; "
+                "backend='reference' differentiates it twice", grads, (x, y, g))
+        return (None,) * 9 + grads
 
 
 def _multi_similarity(kernels):
@@ -198,6 +400,20 @@ def _multi_similarity(kernels):
     return multi_similarity
 
 
+def _smm_rows_grad(a, b, x, y, v, scale, bias, g_out):
+    """Rows a:b of the softmax_matmul_bwd contract, differentiable (the softmax and ``out``
+    recomputed in the block): (dx rows, dy, dv, dscale, dbias)."""
+    acc = acc_dtype(x.dtype)
+    xb, yf, vf, gb = x[a:b].to(acc), y.to(acc), v.to(acc), g_out[a:b].to(acc)
+    s = xb @ yf.T
+    z = scale * s
+    p = torch.softmax(z if bias is None else z + bias[None, :], dim=1)
+    delta = (gb * (p @ vf)).sum(1, keepdim=True)
+    dz = p * (gb @ vf.T - delta)
+    return (scale * (dz @ yf), scale * (dz.T @ xb), p.T @ gb, _exact_sum(dz * s, acc),
+            None if bias is None else dz.sum(0))
+
+
 class _SoftmaxMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, x, y, v, scale, bias):
@@ -209,8 +425,19 @@ class _SoftmaxMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):
         x, y, v, scale, bias, out, lse = ctx.saved_tensors
-        dx, dy, dv, dscale, dbias = ctx.kernels.softmax_matmul_bwd(
-            x, y, v, scale, bias, out, lse, g_out.contiguous())
+        kernels = ctx.kernels
+
+        def kernel_grad(x, y, v, scale, g_out, bias=None):
+            res = kernels.softmax_matmul_bwd(x, y, v, scale, bias, out, lse, g_out.contiguous())
+            return tuple(res) if bias is not None else tuple(res[:4])
+
+        sweeps = [(lambda a, b, x, y, v, s, g, *bias: _smm_rows_grad(
+            a, b, x, y, v, s, bias[0] if bias else None, g)[:4 + len(bias)],
+            x.shape[0], y.shape[0], 0, (1, 2, 3, 4))]
+        tensors = (x, y, v, scale, g_out) + ((bias,) if bias is not None else ())
+        dx, dy, dv, dscale, *dbias = _first_order("pairwise_softmax_matmul", kernel_grad, sweeps,
+                                                  tensors)
+        dbias = dbias[0] if dbias else None
         return (None, dx.to(x.dtype), dy.to(y.dtype), dv.to(v.dtype),
                 dscale if ctx.needs_input_grad[4] else None,
                 dbias if ctx.has_bias and ctx.needs_input_grad[5] else None)
@@ -227,7 +454,8 @@ def _pairwise_softmax_matmul(kernels):
 
 
 class _GatheredDots(torch.autograd.Function):
-    """values_ik = <x_i, y_{idx_ik}> given by the kernel; backward scatters through idx."""
+    """values_ik = <x_i, y_{idx_ik}> given by the kernel; backward scatters through idx, in
+    plain torch: differentiable again (exact second order; a recorded backward keeps O(N·k·D))."""
 
     @staticmethod
     def forward(ctx, values, idx, x, y):
@@ -252,7 +480,9 @@ class _GatheredDots(torch.autograd.Function):
 
 def _similarity_topk(kernels):
     def similarity_topk(x, y, k, exclude_diagonal):
-        values, idx = kernels.topk(x.contiguous(), y.contiguous(), k, exclude_diagonal)
+        # detached: a kernel never sees a tensor autograd could follow (see "second order")
+        values, idx = kernels.topk(x.detach().contiguous(), y.detach().contiguous(), k,
+                                   exclude_diagonal)
         if x.requires_grad or y.requires_grad:
             values = _GatheredDots.apply(values, idx, x, y)
         return values, idx

@@ -118,6 +118,18 @@ class PairMask:
             cand = cand & ~pos
         return pos, cand
 
+    @property
+    def all_candidates(self) -> bool:
+        """Every pair is a candidate (``tile``'s cand is all True)."""
+        return not (self.exclude_diagonal or self.decoupled)
+
+    def transposed(self, n_rows: int) -> PairMask:
+        """The mask of the column problem: the keys (j < n_keys) as rows over the ``n_rows``
+        anchors as columns, so that ``transposed(N).tile(j, i)`` is ``tile(i, j)`` transposed."""
+        return PairMask(n_keys=n_rows, labels=self.key_labels, key_labels=self.labels,
+                        offset=-self.offset, exclude_diagonal=self.exclude_diagonal,
+                        decoupled=self.decoupled, no_positives=self.no_positives)
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype for inputs of ``dtype``: float64 stays float64, all else float32."""

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from ._dispatch import resolve
+from ._dispatch import check_backend_name, resolve
 from .backends.reference import REFERENCE
+from .fused import first_order_only, records_graph
 from .kernels import acc_dtype
 
 COSTS = ("sqeuclidean", "cosine")
@@ -147,12 +148,22 @@ class _SinkhornValue(torch.autograd.Function):
         f = f_ba - f_aa if problem.debias else f_ba
         g = g_ab - g_bb if problem.debias else g_ab
         ctx.problem, ctx.h, ctx.eps = problem, h, eps
-        ctx.save_for_backward(a, b, f, g)
+        ctx.save_for_backward(a, b, f, g, x, y)
         return (a * f).sum(-1) + (b * g).sum(-1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        a, b, f, g = ctx.saved_tensors
+        a, b, f, g, x, y = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _SinkhornValue._grads(ctx, grad_out, a, b, f, g)
+        if records_graph(x, y, a, b, grad_out):
+            grads = first_order_only(
+                "sinkhorn", "its gradient comes from the envelope theorem at the final "
+                "potentials, not from differentiating the loop", grads, (x, y, a, b, grad_out))
+        return (None, *grads)
+
+    @staticmethod
+    def _grads(ctx, grad_out, a, b, f, g):
         p, h, eps = ctx.problem, ctx.h, ctx.eps
         go = grad_out[:, None]
         dx = dy = None
@@ -168,7 +179,7 @@ class _SinkhornValue(torch.autograd.Function):
             dy = (go * b)[:, :, None] * gy
         da = go * f if ctx.needs_input_grad[3] else None
         db = go * g if ctx.needs_input_grad[4] else None
-        return None, dx, dy, da, db
+        return dx, dy, da, db
 
 
 # ------------------------------------------------------------------------------- validation
@@ -273,6 +284,7 @@ def _setup(x, y, a, b, blur, p, scaling, diameter, n_iters, debias, cost, backen
 # ------------------------------------------------------------------------------- public API
 
 
+@V.autocast_features("x", "y")
 def sinkhorn(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -311,6 +323,7 @@ def sinkhorn(
     return values.sum() if reduction == "sum" else values.mean()
 
 
+@V.autocast_features("x", "y")
 def sinkhorn_potentials(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -338,6 +351,7 @@ def sinkhorn_potentials(
     return (f, g) if batched else (f[0], g[0])
 
 
+@V.autocast_features("x", "y", "v")
 def transport_apply(
     f: torch.Tensor,
     g: torch.Tensor,
@@ -387,6 +401,7 @@ def transport_apply(
     return out if batched else out[0]
 
 
+@V.autocast_features("z", "prototypes")
 def sinkhorn_knopp(
     scores: torch.Tensor | None = None,
     *,
@@ -405,6 +420,7 @@ def sinkhorn_knopp(
     """
     V.check_positive_scalar("epsilon", epsilon)
     V.check_int("n_iters", n_iters, 0)
+    check_backend_name(backend)  # the scores path runs no backend op, but a typo must not pass
     if scores is not None and (z is not None or prototypes is not None):
         raise ValueError("pass either scores, or z and prototypes, not both")
     if scores is None:

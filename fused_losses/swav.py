@@ -27,6 +27,7 @@ import torch
 
 from . import _validation as V
 from .functional import pairwise_logsumexp, pairwise_softmax_matmul
+from .fused import first_order_only, records_graph
 from .kernels import acc_dtype
 from .ot import knopp_potentials, sinkhorn_knopp
 
@@ -98,20 +99,29 @@ class _CodeDot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         z, prototypes, targets, z_assign, w, u = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _CodeDot._grads(ctx, g, z, prototypes, targets, z_assign, w, u)
+        if records_graph(z, prototypes, g):
+            grads = first_order_only(
+                "swav_loss", "the streamed path holds the codes' targets fixed; "
+                "backend='reference' differentiates it twice", grads, (z, prototypes, g))
+        return (*grads, None, None, None, None, None, None, None, None)
+
+    @staticmethod
+    def _grads(ctx, g, z, prototypes, targets, z_assign, w, u):
         dz = dc = None
         if ctx.needs_input_grad[0]:
             dz = (g[:, None] * targets / ctx.tau).to(z.dtype)
         if ctx.needs_input_grad[1]:
-            with torch.no_grad():
-                # Σ_b g_b q_bk z_b = exp(u_k + log n + LSE_b(s_bk/ε + w_b)) · softmax-matmul_k
-                weighted = (g[:, None] * z.to(g.dtype)).to(z.dtype)
-                col_lse = pairwise_logsumexp(prototypes, z_assign, scale=1.0 / ctx.eps, bias=w,
-                                             backend=ctx.backend)
-                mix = pairwise_softmax_matmul(prototypes, z_assign, weighted, scale=1.0 / ctx.eps,
-                                              bias=w, backend=ctx.backend)
-                mass = torch.exp(u + ctx.log_n + col_lse)
-                dc = (mass[:, None] * mix.to(mass.dtype) / ctx.tau).to(prototypes.dtype)
-        return dz, dc, None, None, None, None, None, None, None, None
+            # Σ_b g_b q_bk z_b = exp(u_k + log n + LSE_b(s_bk/ε + w_b)) · softmax-matmul_k
+            weighted = (g[:, None] * z.to(g.dtype)).to(z.dtype)
+            col_lse = pairwise_logsumexp(prototypes, z_assign, scale=1.0 / ctx.eps, bias=w,
+                                         backend=ctx.backend)
+            mix = pairwise_softmax_matmul(prototypes, z_assign, weighted, scale=1.0 / ctx.eps,
+                                          bias=w, backend=ctx.backend)
+            mass = torch.exp(u + ctx.log_n + col_lse)
+            dc = (mass[:, None] * mix.to(mass.dtype) / ctx.tau).to(prototypes.dtype)
+        return dz, dc
 
 
 def _streamed_swav(crops, prototypes, assign, tau, eps, n_iters, queue, backend):
@@ -142,6 +152,7 @@ def _streamed_swav(crops, prototypes, assign, tau, eps, n_iters, queue, backend)
     return total / len(assign)
 
 
+@V.autocast_features("embeddings", "prototypes", "queue")
 def swav_loss(
     embeddings: torch.Tensor,
     prototypes: torch.Tensor,

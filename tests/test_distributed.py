@@ -332,6 +332,29 @@ def _grad_cache_case(name, pg, rank, world, seed):
     return errs
 
 
+def _second_order_clip(backend, pg, rank, world, seed):
+    """Gradient penalty J = ||∂L/∂a||² + ||∂L/∂b||² of clip_loss over the group: a rank's
+    first-order gradient of its rows is world × the single-process one (the convention), so it
+    backpropagates its share of J, ||G/world||²; through the collectives' differentiable
+    adjoints each rank must then get ∂J/∂(its rows), the single-process second-order gradient.
+    (World size 2 only: a rank without rows has no graph to run the second backward with.)"""
+    dtype = _dtype_for(backend)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = SIZES[world]
+    a, b = (_feat(gen, sum(sizes)).to(dtype) for _ in range(2))
+    a64, b64 = (t.double().requires_grad_() for t in (a, b))
+    loss = fl.clip_loss(a64, b64, 9.0, backend="reference")
+    ga, gb = torch.autograd.grad(loss, (a64, b64), create_graph=True)
+    ref = torch.autograd.grad(ga.pow(2).sum() + gb.pow(2).sum(), (a64, b64))
+    off = _offsets(sizes)[rank]
+    mine = [t[off : off + sizes[rank]].clone().requires_grad_() for t in (a, b)]
+    loss = fl.clip_loss(*mine, 9.0, backend=backend, process_group=pg)
+    ga, gb = torch.autograd.grad(loss, mine, create_graph=True)
+    got = torch.autograd.grad((ga / world).pow(2).sum() + (gb / world).pow(2).sum(), mine)
+    return {f"second-order grad {k}": _rel(g, r[off : off + sizes[rank]])
+            for k, (g, r) in enumerate(zip(got, ref))}
+
+
 def _empty_global_batch(pg):
     """No rank has a row: every rank must raise the same clear error (none left waiting)."""
     x = torch.zeros(0, D, dtype=torch.float64, requires_grad=True)
@@ -352,6 +375,7 @@ def _case_ids(backends):
         for case in CASES:
             if supports(backend, case.op):
                 ids += [f"{backend}/{case.name}/{red}" for red in case.reductions]
+    ids += [f"{b}/second_order_clip/mean" for b in backends if supports(b, "info_nce")]
     return ids + [f"reference/{n}/mean" for n in GRAD_CACHE_CASES + ERROR_CASES]
 
 
@@ -364,6 +388,9 @@ def _worker(rank, world, backends, seed):
         try:
             if name == "empty_global_batch":
                 found[cid] = _empty_global_batch(pg)
+            elif name == "second_order_clip":
+                if world == 2:
+                    found[cid] = _second_order_clip(backend, pg, rank, world, seed)
             elif name in GRAD_CACHE_CASES:
                 found[cid] = _grad_cache_case(name, pg, rank, world, seed)
             else:
@@ -388,6 +415,8 @@ def _params():
     out = []
     for world in SIZES:
         for cid in _case_ids(BACKENDS):
+            if "second_order" in cid and world != 2:
+                continue
             out.append(pytest.param(world, cid, id=f"w{world}/{cid}"))
     return out
 
