@@ -83,8 +83,14 @@ def _isfinite(v) -> bool:
     return v == v and v != math.inf and v != -math.inf
 
 
-def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    """A finite positive float, int, or one-element floating tensor (which may require grad)."""
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _scalar_value(name: str, value: Any) -> float | None:
+    """The value of a float, int, or one-element floating tensor (which may require grad), after
+    its type and shape are checked; None for a CUDA tensor while a CUDA graph is being captured
+    (reading it would sync with the host, which capture forbids: its value is then unchecked)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number or a 0-dim tensor, got bool")
     if isinstance(value, torch.Tensor):
@@ -94,11 +100,17 @@ def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) ->
             )
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        v = float(value.detach())
-    elif isinstance(value, (int, float)):
-        v = float(value)
-    else:
-        raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
+        return None if _capturing(value) else float(value.detach())
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
+
+
+def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """A finite positive float, int, or one-element floating tensor (which may require grad)."""
+    v = _scalar_value(name, value)
+    if v is None:
+        return
     if not _isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if v < 0 or (v == 0 and not allow_zero):
@@ -107,21 +119,8 @@ def check_positive_scalar(name: str, value: Any, *, allow_zero: bool = False) ->
 
 def check_finite_scalar(name: str, value: Any) -> None:
     """A finite float, int, or one-element floating tensor (any sign)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or a 0-dim tensor, got bool")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a scalar (one element), got shape {tuple(value.shape)}"
-            )
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        v = float(value.detach())
-    elif isinstance(value, (int, float)):
-        v = float(value)
-    else:
-        raise TypeError(f"{name} must be a number or a 0-dim tensor, got {type(value).__name__}")
-    if not _isfinite(v):
+    v = _scalar_value(name, value)
+    if v is not None and not _isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
 
 

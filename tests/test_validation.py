@@ -100,3 +100,20 @@ def test_nan_features_propagate_as_nan(backend, device):
     x[2, 1] = float("nan")
     out = FL.info_nce(x, torch.randn(5, 4, device=device), backend=backend)
     assert torch.isnan(out)
+
+
+def test_tensor_hyperparameters_unread_while_capturing(monkeypatch):
+    """While a CUDA graph is captured, a tensor temperature/scale cannot be read (a host sync):
+    its type and shape are still checked, its value is not; otherwise the value is checked."""
+    from fused_losses import _validation as V
+
+    bad = torch.tensor(float("inf"))
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        V.check_positive_scalar("temperature", bad)
+    monkeypatch.setattr(V, "_capturing", lambda t: True)
+    V.check_positive_scalar("temperature", bad)
+    V.check_finite_scalar("logit_bias", bad)
+    with pytest.raises(ValueError, match="one element"):
+        V.check_positive_scalar("temperature", torch.ones(2))
+    with pytest.raises(ValueError, match="must be positive"):
+        V.check_positive_scalar("temperature", -1.0)  # a Python number is always read
