@@ -20,7 +20,7 @@ $(STAMP): $(BUILD_INPUTS)
 	$(PIP) install -q --upgrade pip
 	# torch first: the extension builds against it (--no-build-isolation below).
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "triton>=3.0" numpy setuptools wheel ninja
+	$(PIP) install -q "triton>=3.0" numpy "setuptools>=77" wheel ninja
 	$(PIP) install -q --no-build-isolation -e ".[test,bench,triton]"
 	# OpenCLIP for the bench's peer, without its dependencies (torchvision would replace torch):
 	# the bench loads its loss.py alone when the package does not import (torch 2.13 here).
@@ -57,7 +57,7 @@ CU_STAMP := $(VENV_CU)/.installed
 $(CU_STAMP): $(BUILD_INPUTS)
 	test -x $(PY_CU) || $(PYTHON) -m venv $(VENV_CU)
 	$(PY_CU) -m pip install -q --upgrade pip
-	$(PY_CU) -m pip install -q $(CU_TORCH_SPEC) numpy setuptools wheel ninja
+	$(PY_CU) -m pip install -q $(CU_TORCH_SPEC) numpy "setuptools>=77" wheel ninja
 	FUSED_LOSSES_CUDA=1 $(PY_CU) -m pip install -q --no-build-isolation -e ".[test,open_clip,lightly]"
 	touch $@
 
