@@ -23,7 +23,10 @@ from .functional import (
 )
 from .modules import (
     ClipLoss,
+    HardNegativeInfoNCELoss,
+    HardNegativeNTXentLoss,
     InfoNCELoss,
+    MoCHiLoss,
     MultiSimilarityLoss,
     NTXentLoss,
     SigLipLoss,
@@ -58,6 +61,9 @@ __all__ = [
     "sinkhorn_knopp",
     "swav_loss",
     "InfoNCELoss",
+    "HardNegativeInfoNCELoss",
+    "HardNegativeNTXentLoss",
+    "MoCHiLoss",
     "ClipLoss",
     "NTXentLoss",
     "SupConLoss",
