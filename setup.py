@@ -1,66 +1,117 @@
 """Build of fused-losses.
 
-- ``fused_losses._C``: C++ CPU kernels (csrc/cpu_ops.cpp + csrc/cpu/*.cpp + csrc/bindings_cpu.cpp),
-  built everywhere (skip with FUSED_LOSSES_CPU_EXT=0).  csrc/cpu/kernels_{generic,avx2,avx512}.cpp
-  are the same tile code built per ISA (a target pragma each); the widest one the CPU runs is
-  picked at load time.
-- ``fused_losses._cuda``: CUDA kernels (csrc/cuda/*.cu + csrc/bindings_cuda.cpp), built only when
-  a CUDA toolkit and a CUDA build of torch are present (FUSED_LOSSES_CUDA=0/1 to skip/force;
-  TORCH_CUDA_ARCH_LIST honoured, default "8.0;9.0a").
+Sources, flags and build records of the compiled extensions are defined once, in
+fused_losses/_build.py (loaded here by path: this file must run in a build environment without
+torch); fused_losses/_ext.py uses the same definitions to build them just in time.
 
-Needs torch at build time: install with ``pip install --no-build-isolation .``.
+- torch importable at build time (``pip install --no-build-isolation .``, ``pip install -e .
+  --no-build-isolation``, ``make test``): ``fused_losses._C`` (C++ CPU kernels; skip with
+  FUSED_LOSSES_CPU_EXT=0) and, with a CUDA build of torch and a CUDA toolkit,
+  ``fused_losses._cuda`` (FUSED_LOSSES_CUDA=0/1 to skip/force; TORCH_CUDA_ARCH_LIST honoured,
+  default "8.0;9.0a") are compiled now, against that torch, each with a build record.
+- no torch at build time (pip's default isolated build, ``python -m build``): nothing is
+  compiled; the wheel is pure Python and carries the C++/CUDA sources (fused_losses/_csrc),
+  which fused_losses/_ext.py compiles on first use against the torch that runs them.
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
+import shutil
+import time
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("_fused_losses_build",
+                                                  ROOT / "fused_losses" / "_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+B = _load_build_module()
+
+
+class BuildPy(build_py):
+    """Also ships the C++/CUDA sources inside the package, for a build on first use."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install reads the checkout's csrc/
+        dest = Path(self.build_lib) / "fused_losses" / B.SHIPPED_CSRC
+        for src in B.source_files(CSRC):
+            target = dest / src.relative_to(CSRC)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
 
 
 def _rel(paths):
-    return sorted(os.path.relpath(p, ROOT) for p in paths)
+    return [os.path.relpath(p, ROOT) for p in paths]
 
 
 def extensions():
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("fused-losses: torch is not importable at build time; building no extension "
-              "(use pip install --no-build-isolation after installing torch)")
-        return [], {}
+        print("fused-losses: torch is not importable at build time (an isolated build): no "
+              "extension is compiled now; the C++ sources are shipped in the package and "
+              "compiled on first use, against the torch that runs them")
+        return [], {"build_py": BuildPy}
+    os.environ["PATH"] = B.tool_path()  # the ninja wheel, also in a venv used without activation
+    cuda_home = B.find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    if cuda_home:  # read once at import by torch, which may have happened before us
+        cpp_extension.CUDA_HOME = cuda_home
+
+    class BuildExt(BuildExtension):
+        """Writes a build record next to each compiled module; never keeps a module that was
+        compiled for another torch (setuptools would skip it as up to date)."""
+
+        def build_extension(self, ext):
+            name = ext.name.rsplit(".", 1)[1]
+            out_dir = Path(self.get_ext_fullpath(ext.name)).parent
+            if B.mismatch(B.read_record(out_dir, name), B.fingerprint(torch, CSRC)):
+                self.force = True
+            t0 = time.monotonic()
+            super().build_extension(ext)
+            B.write_record(out_dir, name, torch, CSRC, "setup.py", time.monotonic() - t0)
+
+        def copy_extensions_to_source(self):  # in-place (editable) builds: records too
+            super().copy_extensions_to_source()
+            package_dir = self.get_finalized_command("build_py").get_package_dir("fused_losses")
+            for ext in self.extensions:
+                name = ext.name.rsplit(".", 1)[1]
+                shutil.copy2(B.record_path(Path(self.build_lib) / "fused_losses", name),
+                             B.record_path(package_dir, name))
+
     exts = []
-    # Same math flags torch itself is built with; no -march: portable wheels (the tile code has
-    # its own AVX2 and AVX-512 builds, see csrc/cpu/simd.h).
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-Wno-psabi"]
-    link = []
-    if torch.backends.openmp.is_available():
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
     if os.environ.get("FUSED_LOSSES_CPU_EXT", "1") != "0":
-        sources = _rel([os.path.join(ROOT, "csrc", "bindings_cpu.cpp"),
-                        os.path.join(ROOT, "csrc", "cpu_ops.cpp")]
-                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-        exts.append(CppExtension("fused_losses._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                                 extra_compile_args={"cxx": cxx}, extra_link_args=link))
-    cu = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+        args = B.compile_args("_C", torch)
+        exts.append(CppExtension("fused_losses._C", _rel(B.extension_sources("_C", CSRC)),
+                                 include_dirs=[str(CSRC)], extra_compile_args={"cxx": args["cxx"]},
+                                 extra_link_args=args["ld"]))
     want_cuda = os.environ.get("FUSED_LOSSES_CUDA")
-    has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    if cu and (want_cuda == "1" or (want_cuda is None and has_cuda)):
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-        sources = _rel(cu + [os.path.join(ROOT, "csrc", "bindings_cuda.cpp")])
-        exts.append(CUDAExtension(
-            "fused_losses._cuda", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                # No --use_fast_math: fp32 results must meet the reference
-                                # to 1e-5 (SPEC §7); expf/logf stay the accurate ones.  The
-                                # same flags as scripts/check_cuda_compile.sh (register report).
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}))
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    has_cuda = torch.version.cuda is not None and cuda_home is not None
+    if want_cuda == "1" or (want_cuda is None and has_cuda):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = B.cuda_arch_list()
+        args = B.compile_args("_cuda", torch)
+        exts.append(CUDAExtension("fused_losses._cuda", _rel(B.extension_sources("_cuda", CSRC)),
+                                  include_dirs=[str(CSRC)],
+                                  extra_compile_args={"cxx": args["cxx"], "nvcc": args["nvcc"]}))
+    return exts, {"build_py": BuildPy, "build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

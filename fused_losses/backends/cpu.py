@@ -102,7 +102,19 @@ class CpuKernels:
 
 
 def _availability():
-    return _ext.cpu_ext_unavailable_reason()
+    why = _ext.cpu_ext_unavailable_reason()  # loads (or compiles) fused_losses._C, once
+    if why is None and not _fakes_registered:
+        _register_fakes()
+    return why
+
+
+def _op_priority(op, tensors):
+    """Under ``backend="auto"`` the cpu backend ranks first on CPU tensors; a call it cannot
+    take because its extension is unavailable falls to slower code: say so, once."""
+    why = _availability()
+    if why is not None and op in CPU.ops and any(t.device.type == "cpu" for t in tensors):
+        _ext.fallback_notice("cpu", op, why)
+    return CPU.priority
 
 
 # Fake (meta) implementations of the compiled kernels: output shapes and dtypes only, so that
@@ -171,14 +183,19 @@ _FAKES = {
 }
 
 
-def _register_fakes():
-    if _ext.load_cpu_ext() is None:
-        return
+_fakes_registered = False
+
+
+@torch.compiler.disable
+def _register_fakes():  # once the extension is loaded (its ops exist)
+    global _fakes_registered
+    _fakes_registered = True
     for name, fn in _FAKES.items():
         torch.library.register_fake(f"fused_losses_C::{name}", fn)
 
 
-_register_fakes()
+if _ext.preload("_C") is not None:  # already built for this torch: its ops exist from import on
+    _register_fakes()
 
 
 CPU = register_fused_backend(
@@ -192,3 +209,4 @@ CPU = register_fused_backend(
          "multi_similarity", "pairwise_softmax_matmul", "similarity_topk", "ot_softmin",
          "ot_grad", "ot_plan_matmul"],
 )
+CPU.op_priority = _op_priority

@@ -64,12 +64,11 @@ def _op_priority(op: str, tensors) -> int:
 
 def _availability() -> str | None:
     reasons = []
-    if _ext.load_cuda_ext() is None:
-        reasons.append(
-            "the compiled extension fused_losses._cuda is not built (it needs the CUDA toolkit "
-            "and a CUDA build of torch: FUSED_LOSSES_CUDA=1 pip install -e . "
-            "--no-build-isolation); import error: "
-            + _ext.cuda_ext_unavailable_reason().split("; reinstall")[0].split(": ", 1)[-1])
+    why = _ext.cuda_ext_unavailable_reason()  # loads (or, with a GPU, compiles) it, once
+    if why is not None:
+        reasons.append(why)
+    elif not _fakes_registered:
+        _register_fakes()
     if not torch.cuda.is_available():
         reasons.append("no CUDA device")
     return "; ".join(reasons) if reasons else None
@@ -152,16 +151,21 @@ def _as_f32(fake):
     return wrapped
 
 
-def _register_fakes():
-    if _ext.load_cuda_ext() is None:
-        return
+_fakes_registered = False
+
+
+@torch.compiler.disable
+def _register_fakes():  # once the extension is loaded (its ops exist)
+    global _fakes_registered
+    _fakes_registered = True
     from .cpu import _FAKES
 
     for name in _FAKE_OPS:
         torch.library.register_fake(f"fused_losses_cuda::{name}", _as_f32(_FAKES[name]))
 
 
-_register_fakes()
+if _ext.preload("_cuda") is not None:  # already built for this torch: its ops exist from import on
+    _register_fakes()
 
 
 CUDA = register_fused_backend(
