@@ -552,7 +552,7 @@ def hard_negative_info_nce(
 
     (the reweighted sum Σ_j w_ij e^{z_ij} / mean_j w_ij with w = e^{βz}; the clamp follows τ and
     its gradient) gives ``loss_i = −log(e^{z_p} / (e^{z_p} + Ng_i))``.  ``beta=0``: the debiased
-    loss; ``beta=0, tau_plus=0``: InfoNCE without the positive in the denominator (DCL).
+    loss; ``beta=0, tau_plus=0``: plain InfoNCE (the positive stays in the denominator).
     Computed in log space from two streamed LSEs of the same negatives (stable at τ = 0.01,
     β = 10).  ``beta`` ≥ 0 and ``tau_plus`` ∈ [0, 1) are Python numbers; ``temperature`` a
     float or a 0-dim tensor (its gradient is computed).  Anchors without a positive or without

@@ -313,8 +313,8 @@ def _hard_negative_info_nce(kernels):
                 "hard_negative_info_nce", kernels, mask, False, x, y, (1.0 + beta) * scale,
                 ratio)
             n_neg = candidate_counts(mask, x.shape[0], y.shape[0], cnt)
-            return hard_negative_anchor_loss(lse1, lse2, ps / (1.0 + beta), cnt, n_neg, scale,
-                                             tau_plus)
+            pos_mean = ps / ((1.0 + beta) * cnt.clamp_min(1))  # mean positive logit at 1/τ
+            return hard_negative_anchor_loss(lse1, lse2, pos_mean, cnt, n_neg, scale, tau_plus)
 
         row_loss, row_valid = direction(mask, query, y)
         if not symmetric:
