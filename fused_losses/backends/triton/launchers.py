@@ -189,7 +189,7 @@ def _rows_pass(a, b, scale, bias, labels, key_labels, n_keys, offset, excl, deco
         lse2 if ratio is not None else lse, n_sel, n_a, n_b, d, a.stride(0), b.stride(0),
         n_keys, offset, 0.0 if ratio is None else float(ratio), bias is not None,
         labels is not None, no_pos, excl, decoupled, idx is not None, flags is not None,
-        ratio is not None, TRANSPOSED=transposed, **_kw(tiles, a))
+        HAS2=ratio is not None, TRANSPOSED=transposed, **_kw(tiles, a))
     return (lse, psum, pcnt) if ratio is None else (lse, psum, pcnt, lse2)
 
 
@@ -274,9 +274,17 @@ def _grad_pass(a, b, scale, biasc, biasr, lse_a, g_a, gp_a, lse_b, g_b, gp_b, la
         lse_b if has_b else lse_a, g_b if has_b else g_a, gp_b if has_b else gp_a,
         lab, klab, dscale, bterm, lse2, g2, n_a, n_b, d, a.stride(0), b.stride(0),
         out.stride(0), n_keys, offset, float(ratio), biasc is not None, biasr is not None,
-        has_b, **_mask_kw(labels, excl, decoupled, no_pos), has2=second is not None,
+        has_b, **_mask_kw(labels, excl, decoupled, no_pos), HAS2=second is not None,
         TRANSPOSED=transposed, BLOCK_DO=tiles.bdo, **_kw(tiles, a))
     return out, dscale, bterm
+
+
+def _grad_xy_spills(x, second) -> bool:
+    """The one-sweep backward with the second row LSE in exact fp32 on sm_90 needs more than
+    255 registers (make triton-check: 24 spill stores); the two-pass backward (_grad_rows)
+    compiles there without spills, so that launch takes it (one more similarity recompute)."""
+    return (second is not None and tl_tiles.arch_for(x.device) == "sm_90"
+            and tl_tiles.kind(x.dtype, _tf32(x)) == "fp32")
 
 
 def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled,
@@ -299,7 +307,7 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
                                     for t in (col_lse, g_col, g_colpos))
     mk = dict(labels=labels, key_labels=key_labels, n_keys=n_keys, offset=offset, excl=excl,
               decoupled=decoupled, no_pos=no_pos)
-    if not deterministic():
+    if not deterministic() and not _grad_xy_spills(x, second):
         grid = (triton.cdiv(n, tiles.bm), triton.cdiv(d, tiles.bdo_xy))
         dx = _out(n, d, x.device)
         dy = torch.zeros(m, d, **f32)
@@ -314,7 +322,7 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
             g_colpos if has_col else g_rowpos, lab, klab, parts,
             dbias if b is not None else parts, lse2, g2, n, m, d, x.stride(0), y.stride(0),
             dx.stride(0), dy.stride(0), n_keys, offset, ratio2, b is not None, has_col,
-            **_mask_kw(labels, excl, decoupled, no_pos), has2=second is not None,
+            **_mask_kw(labels, excl, decoupled, no_pos), HAS2=second is not None,
             BLOCK_DO=tiles.bdo_xy, BLOCK_DY=tiles.bdy, **_kw(tiles, x))
         return _cut(dx, d0), _cut(dy, d0), parts.double().sum().float(), dbias
     # dx: rows = queries; a-side = row statistics, b-side = column statistics.
