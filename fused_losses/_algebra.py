@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
@@ -63,5 +62,8 @@ def hard_negative_anchor_loss(lse1, lse2, pos_mean, pos_cnt, n_neg, scale, tau_p
         log_unc = log_a
     log_ng = torch.maximum(log_unc, log_n - scale)
     probe = log_a + zp  # NaN when a statistic is: the loss must say so (SPEC §6)
-    loss = F.softplus(log_ng - zp) + (probe - probe)
+    # log(1 + e^x) exactly (F.softplus returns x itself above its threshold of 20: off by
+    # e^-20 ≈ 2e-9, visible in float64)
+    x = log_ng - zp
+    loss = torch.logaddexp(torch.zeros_like(x), x) + (probe - probe)
     return torch.where(valid, loss, zero), valid

@@ -194,13 +194,15 @@ def _dtypes(backend):
 
 def compare(backend, device, ours, theirs, tensors, what, dtype, max_logit=1.0):
     """ours(backend, *inputs) against theirs(*inputs64): the loss and the gradient of every
-    input that requires grad.  The bound is the dtype's tolerance (1e-9 in float64; in float32
-    the SPEC 1e-5 or the logits' spacing, 2e-8 x ``max_logit``, as test_losses' extreme
-    temperature test; 10x for a 0-dim temperature gradient, one sum of N·M terms, as
+    input that requires grad.  The bound is the dtype's tolerance (1e-9 in float64; in
+    float32 the SPEC 1e-5 or the logits' spacing, 2e-8 x ``max_logit``, as test_losses'
+    extreme temperature test; 10x for a 0-dim temperature gradient, one sum of N·M terms, as
     check_against_reference) or the noise floor of the dtype, measured as SPEC §7 does,
     whichever is larger: 4x how far ``theirs`` (float64) moves when the inputs move by an ulp
     of ``dtype`` (the formula's conditioning: HCL's debiasing A − B cancels; at tau = 0.01,
-    beta = 10 a logit of 1100 keeps 1e-4 in float32), and below float64 2x / 4x the error of
+    beta = 10 a logit of 1100 keeps 1e-4 in float32), in float64 also when they move by
+    eps·``max_logit`` (what rounding a logit of that size does to any float64 code), and
+    below float64 2x / 4x the error of
     the reference backend run eagerly in ``dtype`` on the same / the moved inputs.  An
     absolute error of at most 1e-12 (float64) / 1e-7 (float32) passes (a gradient that is
     zero up to rounding, e.g. of unit 1-D rows).  No valid anchor: both sides 0."""
@@ -244,6 +246,15 @@ def compare(backend, device, ours, theirs, tensors, what, dtype, max_logit=1.0):
         floor(4, run(theirs, cast(moved, dtype=torch.float64, device="cpu")))
         if eager:
             floor(4, run(lambda *a: ours("reference", *a), cast(moved, device="cpu")))
+        if dtype == torch.float64:
+            # float64 code rounds a logit of size L by ~eps·L, far more than an ulp of the
+            # inputs moves it: probe the formula with inputs moved by eps·L (relative)
+            step = torch.finfo(torch.float64).eps * max(1.0, max_logit)
+            moved = [leaf(t.detach() * (1 + step * torch.randn(t.shape, generator=pgen,
+                                                                dtype=t.dtype)), t)
+                     if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in ins64]
+            floor(4, run(theirs, moved))
     tol = 1e-9 if dtype == torch.float64 else max(1e-5, 2e-8 * max_logit)
     atol = 1e-12 if dtype == torch.float64 else 1e-7
     for j, (a, b) in enumerate(zip(got, ref)):
@@ -251,8 +262,16 @@ def compare(backend, device, ours, theirs, tensors, what, dtype, max_logit=1.0):
         bound = max(tol * (10 if a.dim() == 0 and j and dtype != torch.float64 else 1),
                     floors[j])
         exempt = float((a.detach().double().cpu() - b.detach()).norm()) <= atol
-        assert_within(rel_err(a, b), bound, f"{backend}: {what} {dtype} {label}",
+        assert_within(rel_err(a, b), bound,
+                      f"{backend}: {what} {dtype} {label}",
                       exempt=exempt)
+
+
+def _max_sim(*rows, normalize=True):
+    """max(1, largest |<a, b>|) over the rows given (normalized or not): the logits' scale."""
+    r = torch.cat([t.detach() for t in rows])
+    r = F.normalize(r, dim=1) if normalize else r
+    return max(1.0, float((r @ r.T).abs().max()))
 
 
 def _unit(n, d, gen, requires_grad=True):
@@ -285,6 +304,8 @@ def test_hcl_nt_xent_against_authors(backend, device, tau, beta, tau_plus):
         z1, z2 = _unit(n, d, gen), _unit(n, d, gen)
         t = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
 
+        ml = (1 + beta) / tau * _max_sim(z1, z2, normalize=d > 1)
+
         def ours(b, z1, z2, t):
             return FL.hard_negative_nt_xent(z1, z2, temperature=t, beta=beta,
                                             tau_plus=tau_plus, normalize=d > 1, backend=b)
@@ -295,7 +316,7 @@ def test_hcl_nt_xent_against_authors(backend, device, tau, beta, tau_plus):
         for dtype in _dtypes(backend):
             compare(backend, device, ours, theirs, [z1, z2, t],
                     f"hcl nt_xent tau={tau} beta={beta} tau+={tau_plus} N={n} D={d}", dtype,
-                    max_logit=(1 + beta) / tau)
+                    max_logit=ml)
 
 
 @pytest.mark.parametrize("form", ["clip", "labels", "extra", "symmetric"])
@@ -314,6 +335,9 @@ def test_hcl_query_key_forms(backend, device, form):
             t = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
             tensors = [q, k, t] + ([extra] if extra is not None else [])
 
+            ml = (1 + beta) / tau * _max_sim(q, k, *([extra] if extra is not None else []),
+                                             normalize=d > 1)
+
             def ours(b, q, k, t, *e):
                 return FL.hard_negative_info_nce(
                     q, k, temperature=t, beta=beta, tau_plus=tau_plus, labels=labels,
@@ -328,7 +352,7 @@ def test_hcl_query_key_forms(backend, device, form):
             for dtype in _dtypes(backend):
                 compare(backend, device, ours, theirs, tensors,
                         f"hcl {form} tau={tau} beta={beta} tau+={tau_plus} N={n} M={m} D={d}",
-                        dtype, max_logit=(1 + beta) / tau)
+                        dtype, max_logit=ml)
 
 
 @pytest.mark.requires_op("hard_negative_info_nce")
