@@ -236,7 +236,7 @@ std::vector<std::vector<T>> per_thread(int64_t len, T fill = T(0)) {
 template <typename T>
 std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T scale,
                                          const optional<Tensor>& bias, const CallMask<T>& mask,
-                                         bool want_cols) {
+                                         bool want_cols, const optional<double>& ratio) {
   const int64_t n = x.size(0), m = y.size(0), nk = mask.n_keys;
   auto opts = x.options();
   const int threads = at::get_num_threads();
@@ -246,6 +246,7 @@ std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T sca
   const std::vector<T> bpad = padded_copy<T>(bias ? bias->data_ptr<T>() : nullptr, m);
   const T* b = bias.has_value() ? bpad.data() : nullptr;
   std::vector<fl::Lse<T>> rows_lse(n);  // a row block belongs to one thread
+  std::vector<fl::Lse<T>> rows_lse2(ratio ? n : 0);
   // Per-thread column state: this tile's max/sum, and the key columns' positives and LSE.
   auto tile_max = per_thread<T>(0), tile_sum = per_thread<T>(0);
   auto col_ps = per_thread<T>(want_cols ? nk : 0), col_pc = per_thread<T>(want_cols ? nk : 0);
@@ -258,12 +259,19 @@ std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T sca
     const fl::ColStats<T> cs{tile_max[tid].data(), tile_sum[tid].data(),
                              kc ? col_ps[tid].data() + c0 : nullptr,
                              kc ? col_pc[tid].data() + c0 : nullptr};
+    const fl::RowLse2<T> second{ratio ? static_cast<T>(*ratio) : T(0),
+                                ratio ? rows_lse2.data() + r0 : nullptr};
     kern<T>().lse_fwd(s, ld, rows, scale, b ? b + c0 : nullptr, tm, rows_lse.data() + r0, rps + r0,
-            rpc + r0, kc ? &cs : nullptr);
+            rpc + r0, kc ? &cs : nullptr, ratio ? &second : nullptr);
     for (int64_t j = 0; j < kc; ++j) cols_lse[tid][c0 + j].merge(cs.max[j], cs.sum[j]);
   });
   Tensor row_lse = at::empty({n}, opts);
   for (int64_t i = 0; i < n; ++i) row_lse.data_ptr<T>()[i] = rows_lse[i].value();
+  if (ratio) {
+    Tensor row_lse2 = at::empty({n}, opts);
+    for (int64_t i = 0; i < n; ++i) row_lse2.data_ptr<T>()[i] = rows_lse2[i].value();
+    return {row_lse, row_ps, row_pc, row_lse2};
+  }
   if (!want_cols) return {row_lse, row_ps, row_pc};
   Tensor col_lse = at::empty({nk}, opts), cps = at::zeros({nk}, opts), cpc = at::zeros({nk}, opts);
   for (int64_t j = 0; j < nk; ++j) {
@@ -280,21 +288,26 @@ std::vector<Tensor> contrastive_fwd_impl(const Tensor& x, const Tensor& y, T sca
 
 // n_keys is a SymInt in the schema: under torch.compile(dynamic=True) it is the (symbolic) key
 // count, and an int schema would specialize the graph to each batch size.
+// ratio (optional, a default in the schema below): the second row LSE at ratio·z, returned
+// fourth (rows only: no bias, no columns).
 std::vector<Tensor> contrastive_fwd(Tensor x, Tensor y, Tensor scale, optional<Tensor> bias,
                                     optional<Tensor> labels, optional<Tensor> key_labels,
                                     c10::SymInt n_keys, int64_t offset, bool exclude_diagonal,
-                                    bool decoupled, bool no_positives, bool want_cols) {
+                                    bool decoupled, bool no_positives, bool want_cols,
+                                    optional<double> ratio) {
   // Kernels only: autograd is fused.py's business.  Detach (grad mode is thread-local and the
   // parallel workers would not see a NoGradGuard).
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
   check_bias(bias, x, y);
+  TORCH_CHECK(!ratio || (*ratio >= 0 && !bias.has_value() && !want_cols),
+              "ratio must be >= 0, without bias or columns");
   const MaskArgs args{labels, key_labels, n_keys.expect_int(), offset, exclude_diagonal,
                       decoupled, no_positives};
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrastive_fwd", [&] {
     return contrastive_fwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias,
-                                          make_mask<scalar_t>(x, y, args), want_cols);
+                                          make_mask<scalar_t>(x, y, args), want_cols, ratio);
   });
 }
 
@@ -304,7 +317,10 @@ std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T sca
                                          const Tensor& row_lse, const Tensor& g_row,
                                          const Tensor& g_rowpos, const optional<Tensor>& col_lse,
                                          const optional<Tensor>& g_col,
-                                         const optional<Tensor>& g_colpos) {
+                                         const optional<Tensor>& g_colpos,
+                                         const optional<double>& ratio,
+                                         const optional<Tensor>& row_lse2,
+                                         const optional<Tensor>& g_row2) {
   const int64_t n = x.size(0), m = y.size(0), nk = mask.n_keys;
   auto opts = x.options();
   const int threads = at::get_num_threads();
@@ -318,6 +334,15 @@ std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T sca
     check_vector(*g_col, nk, x.scalar_type(), "g_col");
     check_vector(*g_colpos, nk, x.scalar_type(), "g_colpos");
   }
+  if (ratio) {
+    TORCH_CHECK(row_lse2.has_value() && g_row2.has_value() && !bias.has_value(),
+                "ratio needs row_lse2 and g_row2, and no bias");
+    check_vector(*row_lse2, n, x.scalar_type(), "row_lse2");
+    check_vector(*g_row2, n, x.scalar_type(), "g_row2");
+  }
+  const fl::RowGrad2<T> second{ratio ? static_cast<T>(*ratio) : T(0),
+                               ratio ? row_lse2->data_ptr<T>() : nullptr,
+                               ratio ? g_row2->data_ptr<T>() : nullptr};
   const std::vector<T> bpad = padded_copy<T>(bias ? bias->data_ptr<T>() : nullptr, m);
   const T* b = bias.has_value() ? bpad.data() : nullptr;
   const T* rl = row_lse.data_ptr<T>();
@@ -335,8 +360,10 @@ std::vector<Tensor> contrastive_bwd_impl(const Tensor& x, const Tensor& y, T sca
     const fl::TileMask<T> tm = mask.tile(r0, c0, cols);
     const int64_t kc = cols_on ? clamp_cols(nk - c0, cols) : 0;
     const fl::ColGrad<T> cg{cl.data() + c0, gc.data() + c0, gcp.data() + c0, kc};
+    const fl::RowGrad2<T> sec{second.ratio, ratio ? second.lse + r0 : nullptr,
+                              ratio ? second.g + r0 : nullptr};
     dscale_t[tid] += kern<T>().lse_bwd(s, ld, rows, scale, b ? b + c0 : nullptr, tm, rl + r0, gr + r0,
-                             grp + r0, kc ? &cg : nullptr,
+                             grp + r0, kc ? &cg : nullptr, ratio ? &sec : nullptr,
                              b ? dbias_t[tid].data() + c0 : nullptr, ds, ldd);
   });
   double dscale = 0.0;
@@ -354,7 +381,9 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
                                     c10::SymInt n_keys, int64_t offset, bool exclude_diagonal,
                                     bool decoupled, bool no_positives, Tensor row_lse,
                                     Tensor g_row, Tensor g_rowpos, optional<Tensor> col_lse,
-                                    optional<Tensor> g_col, optional<Tensor> g_colpos) {
+                                    optional<Tensor> g_col, optional<Tensor> g_colpos,
+                                    optional<double> ratio, optional<Tensor> row_lse2,
+                                    optional<Tensor> g_row2) {
   x = x.detach();
   y = y.detach();
   check_pair(x, y);
@@ -368,7 +397,7 @@ std::vector<Tensor> contrastive_bwd(Tensor x, Tensor y, Tensor scale, optional<T
     return contrastive_bwd_impl<scalar_t>(x, y, scale.item<scalar_t>(), bias,
                                           make_mask<scalar_t>(x, y, args), row_lse.contiguous(),
                                           g_row.contiguous(), g_rowpos.contiguous(), c(col_lse),
-                                          c(g_col), c(g_colpos));
+                                          c(g_col), c(g_colpos), ratio, c(row_lse2), c(g_row2));
   });
 }
 
@@ -867,8 +896,18 @@ std::vector<Tensor> topk(Tensor x, Tensor y, int64_t k, bool exclude_diagonal) {
 // they are opaque ops of the graph.  Autograd is fused.py's business (autograd Functions).
 TORCH_LIBRARY_FRAGMENT(fused_losses_C, m) {
 #define FL_CPU_OP(name) m.def(#name, torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(name)))
-  FL_CPU_OP(contrastive_fwd);
-  FL_CPU_OP(contrastive_bwd);
+  // The contrastive ops spell their schemas out: the second-LSE arguments default to None, so a
+  // call without them (the pre-ratio signature) still binds.
+  m.def("contrastive_fwd(Tensor x, Tensor y, Tensor scale, Tensor? bias, Tensor? labels, "
+        "Tensor? key_labels, SymInt n_keys, int offset, bool exclude_diagonal, bool decoupled, "
+        "bool no_positives, bool want_cols, float? ratio=None) -> Tensor[]");
+  m.impl("contrastive_fwd", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(contrastive_fwd)));
+  m.def("contrastive_bwd(Tensor x, Tensor y, Tensor scale, Tensor? bias, Tensor? labels, "
+        "Tensor? key_labels, SymInt n_keys, int offset, bool exclude_diagonal, bool decoupled, "
+        "bool no_positives, Tensor row_lse, Tensor g_row, Tensor g_rowpos, Tensor? col_lse, "
+        "Tensor? g_col, Tensor? g_colpos, float? ratio=None, Tensor? row_lse2=None, "
+        "Tensor? g_row2=None) -> Tensor[]");
+  m.impl("contrastive_bwd", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(contrastive_bwd)));
   FL_CPU_OP(siglip_fwd);
   FL_CPU_OP(siglip_bwd);
   FL_CPU_OP(ms_mine);

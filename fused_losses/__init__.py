@@ -9,7 +9,10 @@ from . import backends as _backends  # noqa: F401  (registers every backend)
 from ._dispatch import available_backends, get_backend, registered_backends
 from .functional import (
     clip_loss,
+    hard_negative_info_nce,
+    hard_negative_nt_xent,
     info_nce,
+    mochi_info_nce,
     multi_similarity,
     nt_xent,
     pairwise_logsumexp,
@@ -20,7 +23,10 @@ from .functional import (
 )
 from .modules import (
     ClipLoss,
+    HardNegativeInfoNCELoss,
+    HardNegativeNTXentLoss,
     InfoNCELoss,
+    MoCHiLoss,
     MultiSimilarityLoss,
     NTXentLoss,
     SigLipLoss,
@@ -44,6 +50,9 @@ __all__ = [
     "clip_loss",
     "nt_xent",
     "sup_con",
+    "hard_negative_info_nce",
+    "hard_negative_nt_xent",
+    "mochi_info_nce",
     "siglip_loss",
     "multi_similarity",
     "sinkhorn",
@@ -52,6 +61,9 @@ __all__ = [
     "sinkhorn_knopp",
     "swav_loss",
     "InfoNCELoss",
+    "HardNegativeInfoNCELoss",
+    "HardNegativeNTXentLoss",
+    "MoCHiLoss",
     "ClipLoss",
     "NTXentLoss",
     "SupConLoss",

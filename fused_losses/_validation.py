@@ -124,6 +124,42 @@ def check_finite_scalar(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite, got {v}")
 
 
+def check_positive_per_anchor(name: str, value: Any, n: int, device: torch.device) -> bool:
+    """A positive finite scalar (see :func:`check_positive_scalar`; False), or a per-anchor
+    vector: a 1-D floating tensor of shape (n,), n ≠ 1, on ``device``, every entry finite and
+    positive (True).  A one-element tensor is the scalar case (for n = 1 the two agree)."""
+    if not (isinstance(value, torch.Tensor) and value.dim() >= 1 and value.numel() != 1):
+        check_positive_scalar(name, value)
+        return False
+    if value.dim() != 1 or value.shape[0] != n:
+        raise ValueError(f"{name} must be a scalar or one value per anchor, shape ({n},); got "
+                         f"shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    if not _capturing(value) and n:
+        v = value.detach()
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite, got a non-finite entry")
+        if not bool((v > 0).all()):
+            raise ValueError(f"{name} must be positive, got {float(v.min())}")
+    return True
+
+
+def check_anchor_weight(name: str, w: Any, n: int, ref: torch.Tensor) -> torch.Tensor:
+    """Per-anchor loss weights: a floating tensor of shape (n,) on ``ref``'s device, finite and
+    non-negative (values unchecked while a CUDA graph is captured)."""
+    check_weights(name, w, (n,), ref)
+    if not _capturing(w) and n:
+        v = w.detach()
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite, got a non-finite entry")
+        if bool((v < 0).any()):
+            raise ValueError(f"{name} must be non-negative, got {float(v.min())}")
+    return w
+
+
 def check_scalar_device(name: str, value: Any, device: torch.device) -> None:
     if isinstance(value, torch.Tensor) and value.device != device and value.device.type != "cpu":
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")

@@ -53,7 +53,11 @@ from typing import Callable
 
 import torch
 
-OPS = ("clip", "siglip", "nt_xent", "supcon", "ms", "sinkhorn", "topk")
+OPS = ("clip", "siglip", "nt_xent", "supcon", "ms", "sinkhorn", "topk", "info_nce", "hcl",
+       "debiased", "anchor_tau", "mochi")
+# The InfoNCE variants (issue 18), each beside plain one-directional "info_nce" with the same
+# temperature: their fused forms add no N²D pass (compare the GFLOP/s columns).
+VARIANT_OPS = ("info_nce", "hcl", "debiased", "anchor_tau", "mochi")
 PASSES = ("full", "fwd", "bwd")
 # Ops on one set of rows (keys are the rows themselves): --M does not apply.
 ONE_SET_OPS = ("nt_xent", "supcon")
@@ -66,6 +70,9 @@ SUPCON_TEMPERATURE = 0.1
 MS_SETTINGS = {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1}
 SINKHORN_SETTINGS = {"p": 2, "blur": 0.05, "scaling": 0.5, "debias": True}
 TOPK_K = 10
+VARIANT_TEMPERATURE = 0.5  # HCL's default
+HCL_SETTINGS = {"beta": 1.0, "tau_plus": 0.1}  # the authors' defaults
+MOCHI_SETTINGS = {"n_hard": 64, "n_mix": 32, "n_query_mix": 16}
 
 OP_SETTINGS = {  # how the README and the tables describe each op's settings
     "clip": f"logit_scale={CLIP_LOGIT_SCALE}",
@@ -75,6 +82,14 @@ OP_SETTINGS = {  # how the README and the tables describe each op's settings
     "ms": ", ".join(f"{k}={v}" for k, v in MS_SETTINGS.items()),
     "sinkhorn": ", ".join(f"{k}={v}" for k, v in SINKHORN_SETTINGS.items()),
     "topk": f"k={TOPK_K}",
+    "info_nce": f"temperature={VARIANT_TEMPERATURE}, rows only",
+    "hcl": f"temperature={VARIANT_TEMPERATURE}, " + ", ".join(
+        f"{k}={v}" for k, v in HCL_SETTINGS.items()),
+    "debiased": f"temperature={VARIANT_TEMPERATURE}, beta=0, tau_plus={HCL_SETTINGS['tau_plus']}",
+    "anchor_tau": "temperature: one learnable value per anchor, around "
+                  f"{VARIANT_TEMPERATURE}",
+    "mochi": f"temperature={VARIANT_TEMPERATURE}, in-batch negatives, " + ", ".join(
+        f"{k}={v}" for k, v in MOCHI_SETTINGS.items()),
 }
 
 # Nominal GEMM passes of 2·N·M·D FLOPs: the fused algorithm's forward, and its backward's
@@ -154,7 +169,7 @@ def make_inputs(op: str, n: int, m: int | None, d: int, dtype: str, device: str 
         return torch.randint(0, max(2, n // 4), (k,), device=device, generator=g)
 
     x = rows(n)
-    if op in ("clip", "siglip", "sinkhorn", "topk"):
+    if op in ("clip", "siglip", "sinkhorn", "topk") + VARIANT_OPS:
         return Inputs(x, rows(n if m is None else m), None, None)
     if op == "nt_xent":
         return Inputs(x, rows(n), None, None)
@@ -410,6 +425,24 @@ def make_forward(op: str, backend: str, inp: Inputs) -> Callable[[], torch.Tenso
         return lambda: FL.sinkhorn(x, y, **SINKHORN_SETTINGS, backend=backend)
     if op == "topk":  # k nearest keys per row; their values backpropagated
         return lambda: FL.similarity_topk(x, y, TOPK_K, backend=backend)[0].sum()
+    t = VARIANT_TEMPERATURE
+    if op == "info_nce":
+        return lambda: FL.info_nce(x, y, temperature=t, backend=backend)
+    if op == "hcl":
+        return lambda: FL.hard_negative_info_nce(x, y, temperature=t, **HCL_SETTINGS,
+                                                 backend=backend)
+    if op == "debiased":
+        return lambda: FL.hard_negative_info_nce(x, y, temperature=t, beta=0.0,
+                                                 tau_plus=HCL_SETTINGS["tau_plus"],
+                                                 backend=backend)
+    if op == "anchor_tau":
+        taus = torch.full((x.shape[0],), t, device=x.device, requires_grad=True)
+        return lambda: FL.info_nce(x, y, temperature=taus, backend=backend)
+    if op == "mochi":
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        kw = dict(MOCHI_SETTINGS, n_hard=min(MOCHI_SETTINGS["n_hard"], y.shape[0] - 1))
+        return lambda: FL.mochi_info_nce(x, y, temperature=t, **kw, generator=gen,
+                                         backend=backend)
     raise ValueError(f"unknown op {op!r}; choose from {OPS}")
 
 

@@ -265,9 +265,15 @@ def distributed_info_nce(
     reduction,
     backend,
     process_group,
+    weight=None,
+    anchor_negatives=None,
 ):
     """InfoNCE over ``process_group``; the arguments are ``functional.info_nce``'s after its
-    validation and normalization (``key_labels`` already defaulted to ``labels``)."""
+    validation and normalization (``key_labels`` already defaulted to ``labels``).  ``scale``
+    is a scalar or a per-anchor vector over this rank's queries (then, with ``symmetric``,
+    every rank holds as many keys as queries and key j uses the scale of query j)."""
+    from .functional import anchor_logits
+
     group = process_group
     rank, _ = _rank_world(group)
     n_q, n_k = _row_counts(group, query.device, query.shape[0], key.shape[0])
@@ -277,16 +283,27 @@ def distributed_info_nce(
             "without labels the positive of query i is key i, so the global batch needs at "
             f"least as many keys as queries: got N={sum(n_q)}, M={sum(n_k)}"
         )
+    per_anchor = isinstance(scale, torch.Tensor) and scale.dim() == 1
+    if symmetric and (per_anchor or weight is not None) and n_q != n_k:
+        what = "a per-anchor temperature" if per_anchor else "weight"
+        raise ValueError(f"symmetric with {what} needs as many keys as queries on every rank "
+                         f"(pairs), got {n_q} queries and {n_k} keys per rank")
     q_off, k_off = sum(n_q[:rank]), sum(n_k[:rank])
+    # a per-anchor scale multiplies the anchor rows (each direction's own), the op's is 1
+    op_scale = 1.0 if per_anchor else scale
+
+    def anchors(rows):
+        return rows * scale.to(rows.dtype)[:, None] if per_anchor else rows
 
     keys = all_gather_rows(key, group, n_k)
     all_key_labels = None if labels is None else _gather_labels(key_labels, n_k, group)
     if query.shape[0] > 0:
-        impl = resolve("info_nce", backend, (query, keys, extra_negatives))
+        impl = resolve("info_nce", backend, (query, keys, extra_negatives, anchor_negatives))
+        rows = anchors(query)
         row_loss, row_valid, _, _ = impl(
-            query,
+            rows,
             keys,
-            scale,
+            op_scale,
             labels,
             all_key_labels,
             False,
@@ -294,9 +311,11 @@ def distributed_info_nce(
             extra_negatives,
             exclude_diagonal,
             q_off,
+            anchor_logits(rows, anchor_negatives, None if per_anchor else scale),
         )
     else:
-        row_loss, row_valid = _no_anchors(query, query, keys, scale, extra_negatives)
+        row_loss, row_valid = _no_anchors(query, query, keys, scale, extra_negatives,
+                                          anchor_negatives)
     col_loss = col_valid = None
     if symmetric:
         # Column losses: this rank's keys as anchors over every query.
@@ -305,9 +324,9 @@ def distributed_info_nce(
         if key.shape[0] > 0:
             impl = resolve("info_nce", backend, (key, queries))
             col_loss, col_valid, _, _ = impl(
-                key,
+                anchors(key),
                 queries,
-                scale,
+                op_scale,
                 key_labels,
                 all_labels,
                 False,
@@ -318,6 +337,10 @@ def distributed_info_nce(
             )
         else:
             col_loss, col_valid = _no_anchors(key, key, queries, scale)
+    if weight is not None:
+        row_loss = row_loss * weight.to(row_loss.dtype)
+        if symmetric:
+            col_loss = col_loss * weight.to(col_loss.dtype)
 
     if reduction == "none":
         return row_loss if not symmetric else (row_loss + col_loss) / 2
@@ -364,6 +387,7 @@ def distributed_multi_similarity(
     reduction,
     backend,
     process_group,
+    weight=None,
 ):
     """Multi-similarity over ``process_group``.  ``ref_emb is None``: the references are the
     gathered embeddings themselves and the self-pairs (global index i + offset) are dropped;
@@ -397,6 +421,8 @@ def distributed_multi_similarity(
         )
     else:
         loss, _ = _no_anchors(emb, emb, refs)
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
     if reduction == "none":
         return loss
     (total,) = _global_sums([loss.sum()], group)

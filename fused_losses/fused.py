@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ._algebra import candidate_counts, hard_negative_anchor_loss
 from ._dispatch import Backend, register_backend
 from .kernels import PairMask, acc_dtype
 
@@ -166,9 +167,10 @@ def _masked_softmax(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.softmax(z, dim=1).masked_fill(~keep, 0.0)
 
 
-def _lse_rows_grad(a, b, x, y, scale, bias, mask, g, gpos):
+def _lse_rows_grad(a, b, x, y, scale, bias, mask, g, gpos, ratio=None, g2=None):
     """Rows a:b of the first-order gradient of ``Σ_i g_i LSE_{j∈cand}(z_ij + bias_j) −
-    gpos_i Σ_{j∈pos} z_ij`` (the contrastive_bwd contract without the column term), recomputed
+    gpos_i Σ_{j∈pos} z_ij [+ g2_i/r LSE_{j∈cand}(r·z_ij)]`` (the contrastive_bwd contract
+    without the column term; ``g2`` is the contract's g_row2 = r·∂L/∂lse2), recomputed
     differentiably: ``(dx rows, dy, dscale, dbias)``."""
     acc = acc_dtype(x.dtype)
     xb, yf = x[a:b].to(acc), y.to(acc)
@@ -177,10 +179,13 @@ def _lse_rows_grad(a, b, x, y, scale, bias, mask, g, gpos):
     pos, cand = mask.tile(torch.arange(a, b, device=x.device),
                           torch.arange(y.shape[0], device=x.device))
     zb = z if bias is None else z + bias[None, :]
-    p = torch.softmax(zb, dim=1) if mask.all_candidates else _masked_softmax(zb, cand)
-    d_row = g[a:b, None] * p
+    softmax = torch.softmax if mask.all_candidates else \
+        (lambda t, dim: _masked_softmax(t, cand))
+    d_row = g[a:b, None] * softmax(zb, dim=1)
     dz = d_row if mask.no_positives else d_row - torch.where(
         pos, gpos[a:b, None], torch.zeros((), dtype=acc, device=x.device))
+    if ratio is not None:
+        dz = dz + g2[a:b, None] * softmax(ratio * z, dim=1)
     return (scale * (dz @ yf), scale * (dz.T @ xb), _exact_sum(dz * s, acc),
             None if bias is None else d_row.sum(0))
 
@@ -192,70 +197,132 @@ def _first_order(op, kernel_grad, sweeps, tensors):
     return kernel_grad(*tensors)
 
 
-class _InfoNCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, mask, want_cols, x, y, scale):
-        row_lse, rps, rpc, col_lse, cps, cpc = kernels.contrastive_fwd(
-            x, y, scale, None, mask, want_cols)
-        row_loss, row_valid = _anchor_loss(row_lse, rps, rpc)
-        if want_cols:
-            col_loss, col_valid = _anchor_loss(col_lse, cps, cpc)
-        else:
-            col_loss, col_lse, cpc = (row_loss.new_empty(0) for _ in range(3))
-            col_valid = row_valid.new_empty(0)
-        ctx.kernels, ctx.mask, ctx.want_cols = kernels, mask, want_cols
-        ctx.save_for_backward(x, y, scale, _finite_or_zero(row_lse), rpc, row_valid,
-                              _finite_or_zero(col_lse), cpc, col_valid)
-        ctx.mark_non_differentiable(row_valid, col_valid)
-        return row_loss, row_valid, col_loss, col_valid
+class _ContrastiveStats(torch.autograd.Function):
+    """The contrastive kernels' line statistics as differentiable outputs; every loss of the
+    InfoNCE family is O(N) torch algebra on them (``_anchor_loss``, ``_algebra``), under
+    autograd, so the losses' algebra is written once and the kernels never see it.
+
+    Outputs: ``row_lse`` (LSE over candidates), ``row_pos_sum`` (Σ of the positives' z),
+    ``row_pos_cnt`` (not differentiable), ``row_lse2`` (the LSE at ``ratio``·z, or (0,)), and
+    with ``want_cols`` the same three for the key columns (else (0,) tensors).  ``op`` names
+    the public op in second-order errors."""
 
     @staticmethod
-    def backward(ctx, g_row_loss, _g_rv, g_col_loss, _g_cv):
-        x, y, scale, row_lse, rpc, row_valid, col_lse, cpc, col_valid = ctx.saved_tensors
-        g_row = torch.where(row_valid, g_row_loss, torch.zeros_like(g_row_loss))
-        g_rowpos = g_row / rpc.clamp_min(1)
+    def forward(ctx, op, kernels, mask, want_cols, ratio, x, y, scale):
+        if ratio is None:
+            row_lse, rps, rpc, col_lse, cps, cpc = kernels.contrastive_fwd(
+                x, y, scale, None, mask, want_cols)
+            lse2 = row_lse.new_empty(0)
+        else:
+            row_lse, rps, rpc, col_lse, cps, cpc, lse2 = kernels.contrastive_fwd(
+                x, y, scale, None, mask, False, ratio=ratio)
+        if not want_cols:
+            col_lse, cps, cpc = (row_lse.new_empty(0) for _ in range(3))
+        ctx.op, ctx.kernels, ctx.mask, ctx.want_cols, ctx.ratio = op, kernels, mask, want_cols, \
+            ratio
+        ctx.save_for_backward(x, y, scale, *(_finite_or_zero(t) for t in (row_lse, col_lse,
+                                                                           lse2)),
+                              *(t == NEG_INF for t in (row_lse, col_lse, lse2)))
+        ctx.mark_non_differentiable(rpc, cpc)
+        return row_lse, rps, rpc, lse2, col_lse, cps, cpc
+
+    @staticmethod
+    def backward(ctx, g_lse, g_ps, _g_pc, g_lse2, g_col, g_cps, _g_cc):
+        x, y, scale, row_lse, col_lse, lse2, *empty = ctx.saved_tensors
+        kernels, mask, ratio = ctx.kernels, ctx.mask, ctx.ratio
+        # an empty line (−inf LSE, saved as 0) takes g = 0 (the contract); autograd gives the
+        # positive sums' gradient, the contract subtracts g_rowpos on every positive
+        g_row = g_lse.masked_fill(empty[0], 0.0).contiguous()
+        tensors = [x, y, scale, g_row, (-g_ps).contiguous()]
+        if ratio is not None:
+            tensors.append((ratio * g_lse2.masked_fill(empty[2], 0.0)).contiguous())
         if ctx.want_cols:
-            g_col = torch.where(col_valid, g_col_loss, torch.zeros_like(g_col_loss))
-            g_colpos = g_col / cpc.clamp_min(1)
-        else:
-            col_lse = g_col = g_colpos = None
-        kernels, mask = ctx.kernels, ctx.mask
+            tensors += [g_col.masked_fill(empty[1], 0.0).contiguous(), (-g_cps).contiguous()]
+        has2, cols = ratio is not None, ctx.want_cols
 
-        def kernel_grad(x, y, scale, g_row, g_rowpos, g_col=None, g_colpos=None):
+        def kernel_grad(x, y, scale, g_row, g_rowpos, *rest):
+            g2 = rest[0] if has2 else None
+            g_col, g_colpos = rest[-2:] if cols else (None, None)
+            extra = dict(ratio=ratio, row_lse2=lse2, g_row2=g2) if has2 else {}
             return kernels.contrastive_bwd(x, y, scale, None, mask, row_lse, g_row, g_rowpos,
-                                           col_lse, g_col, g_colpos)[:3]
+                                           col_lse if cols else None, g_col, g_colpos,
+                                           **extra)[:3]
 
-        # second order: the row loss over row blocks of the queries, the column loss as the
-        # row loss of the transposed problem (keys as anchors over the queries)
-        sweeps = [(lambda a, b, x, y, s, gr, grp, *_: _lse_rows_grad(
-            a, b, x, y, s, None, mask, gr, grp)[:3], x.shape[0], y.shape[0], 0, (1, 2))]
-        tensors = (x, y, scale, g_row, g_rowpos)
-        if ctx.want_cols:
+        # second order: the row statistics over row blocks of the queries, the column ones as
+        # the row statistics of the transposed problem (keys as anchors over the queries)
+        sweeps = [(lambda a, b, x, y, s, gr, grp, *rest: _lse_rows_grad(
+            a, b, x, y, s, None, mask, gr, grp, ratio, rest[0] if has2 else None)[:3],
+            x.shape[0], y.shape[0], 0, (1, 2))]
+        if cols:
             mask_t = mask.transposed(x.shape[0])
-            sweeps.append((lambda a, b, x, y, s, gr, grp, gc, gcp: _lse_rows_grad(
-                a, b, y, x, s, None, mask_t, gc, gcp)[:3], mask.n_keys, x.shape[0], 1, (0, 2)))
-            tensors += (g_col, g_colpos)
-        dx, dy, dscale = _first_order("info_nce", kernel_grad, sweeps, tensors)
-        return (None, None, None, dx.to(x.dtype), dy.to(y.dtype),
-                dscale if ctx.needs_input_grad[5] else None)
+            sweeps.append((lambda a, b, x, y, s, *rest: _lse_rows_grad(
+                a, b, y, x, s, None, mask_t, rest[-2], rest[-1])[:3], mask.n_keys, x.shape[0],
+                1, (0, 2)))
+        dx, dy, dscale = _first_order(ctx.op, kernel_grad, sweeps, tuple(tensors))
+        return (None, None, None, None, None, dx.to(x.dtype), dy.to(y.dtype),
+                dscale if ctx.needs_input_grad[7] else None)
+
+
+def contrastive_stats(op, kernels, mask, want_cols, x, y, scale, ratio=None):
+    """``_ContrastiveStats`` on contiguous inputs with a tensor scale: ``(row_lse, row_pos_sum,
+    row_pos_cnt, row_lse2, col_lse, col_pos_sum, col_pos_cnt)``, the absent ones None."""
+    acc = acc_dtype(x.dtype)
+    out = _ContrastiveStats.apply(op, kernels, mask, want_cols, ratio, x.contiguous(),
+                                  y.contiguous(), _scale_tensor(scale, acc, x.device))
+    out = list(out)
+    if ratio is None:
+        out[3] = None
+    if not want_cols:
+        out[4:] = [None] * 3
+    return tuple(out)
 
 
 def _info_nce(kernels):
     def info_nce(query, key, scale, labels, key_labels, symmetric, decoupled, extra_negatives,
-                 exclude_diagonal, offset):
-        acc = acc_dtype(query.dtype)
+                 exclude_diagonal, offset, anchor_logits=None):
         n_keys = key.shape[0]
         y = key if extra_negatives is None else torch.cat([key, extra_negatives], dim=0)
         mask = PairMask(n_keys=n_keys, labels=labels, key_labels=key_labels, offset=offset,
                         exclude_diagonal=exclude_diagonal, decoupled=decoupled)
-        row_loss, row_valid, col_loss, col_valid = _InfoNCE.apply(
-            kernels, mask, symmetric, query.contiguous(), y.contiguous(),
-            _scale_tensor(scale, acc, query.device))
+        row_lse, rps, rpc, _, col_lse, cps, cpc = contrastive_stats(
+            "info_nce", kernels, mask, symmetric, query, y, scale)
+        if anchor_logits is not None:  # per-anchor extra negatives: one more LSE term
+            row_lse = torch.logaddexp(row_lse, torch.logsumexp(anchor_logits.to(row_lse.dtype),
+                                                               dim=1))
+        row_loss, row_valid = _anchor_loss(row_lse, rps, rpc)
         if not symmetric:
             return row_loss, row_valid, None, None
+        col_loss, col_valid = _anchor_loss(col_lse, cps, cpc)
         return row_loss, row_valid, col_loss, col_valid
 
     return info_nce
+
+
+def _hard_negative_info_nce(kernels):
+    def hard_negative_info_nce(query, key, scale, beta, tau_plus, labels, key_labels,
+                               symmetric, extra_negatives, exclude_diagonal, offset):
+        n, n_keys = query.shape[0], key.shape[0]
+        y = key if extra_negatives is None else torch.cat([key, extra_negatives], dim=0)
+        mask = PairMask(n_keys=n_keys, labels=labels, key_labels=key_labels, offset=offset,
+                        exclude_diagonal=exclude_diagonal, decoupled=True)
+
+        def direction(mask, x, y):
+            # the LSEs of the negatives at (1+β)/τ and β/τ: scale (1+β)/τ, ratio β/(1+β)
+            ratio = beta / (1.0 + beta) if beta > 0 else None
+            lse1, ps, cnt, lse2, *_ = contrastive_stats(
+                "hard_negative_info_nce", kernels, mask, False, x, y, (1.0 + beta) * scale,
+                ratio)
+            n_neg = candidate_counts(mask, x.shape[0], y.shape[0], cnt)
+            pos_mean = ps / ((1.0 + beta) * cnt.clamp_min(1))  # mean positive logit at 1/τ
+            return hard_negative_anchor_loss(lse1, lse2, pos_mean, cnt, n_neg, scale, tau_plus)
+
+        row_loss, row_valid = direction(mask, query, y)
+        if not symmetric:
+            return row_loss, row_valid, None, None
+        col_loss, col_valid = direction(mask.transposed(n), key, query)
+        return row_loss, row_valid, col_loss, col_valid
+
+    return hard_negative_info_nce
 
 
 class _RowLSE(torch.autograd.Function):
@@ -591,6 +658,7 @@ def _ot_plan_matmul(kernels):
 
 OP_BUILDERS: dict[str, Callable] = {
     "info_nce": _info_nce,
+    "hard_negative_info_nce": _hard_negative_info_nce,
     "pairwise_logsumexp": _pairwise_logsumexp,
     "siglip": _siglip,
     "multi_similarity": _multi_similarity,

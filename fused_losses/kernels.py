@@ -32,6 +32,12 @@ col_lse, col_pos_sum, col_pos_cnt)``
     dtype).  ``bias``: (M,) acc dtype or None.  With ``want_cols`` (bias is then None), for the
     key columns j < ``mask.n_keys``: ``col_lse_j = LSE_{i: cand_ij} z_ij``, and the column
     positive sums/counts likewise; else the three col outputs are None.
+``contrastive_fwd(x, y, scale, None, mask, False, ratio=r)`` -> the six outputs and ``row_lse2``
+    A second row LSE from the same tiles (rows only: ``bias`` None, ``want_cols`` False):
+    ``row_lse2_i = LSE_{j: cand_ij} (r·z_ij)``, ``r`` a Python float ≥ 0 (−inf if no candidate).
+    Hard-negative reweighting (Robinson et al. 2021) needs the LSEs of the same negatives at
+    (1+β)/τ and β/τ: ``scale`` = (1+β)/τ and ``r`` = β/(1+β), one sweep.  Only passed when
+    not None (a backend without it serves every other op).
 ``contrastive_bwd(x, y, scale, bias, mask, row_lse, g_row, g_rowpos, col_lse, g_col, g_colpos)``
 -> ``(dx, dy, dscale, dbias)``
     With ``dZ_ij = g_row_i·exp(z_ij + bias_j − row_lse_i)·cand_ij
@@ -39,7 +45,10 @@ col_lse, col_pos_sum, col_pos_cnt)``
     ``dx = scale·dZ @ y`` (N, D), ``dy = scale·dZᵀ @ x`` (M, D), ``dscale = Σ_ij dZ_ij s_ij``
     (0-dim), ``dbias_j = Σ_i (row part of dZ)_ij`` ((M,) or None when bias is None).
     ``col_lse``/``g_col``/``g_colpos`` may be None (no column term).  The caller passes finite
-    LSEs (an empty line's −inf replaced by 0, with its g set to 0).
+    LSEs (an empty line's −inf replaced by 0, with its g set to 0).  With ``ratio=r,
+    row_lse2=, g_row2=`` (keywords, rows only, ``bias`` None): ``dZ_ij`` gains
+    ``g_row2_i·exp(r·z_ij − row_lse2_i)·cand_ij``, so the caller passes ``g_row2 = r·∂L/∂lse2``
+    and ``dscale`` stays ``∂L/∂scale`` for a fixed ``r``.
 ``siglip_fwd(x, y, scale, bias, offset)`` -> ``row_loss`` (N,)
     ``Σ_j softplus(−σ_ij (z_ij + bias))``, ``σ_ij = +1`` if j == i + offset else −1;
     ``bias`` a 0-dim acc-dtype tensor.
@@ -171,13 +180,14 @@ class TorchBlockKernels:
         acc = acc_dtype(xb.dtype)
         return xb.to(acc) @ y.to(acc).T
 
-    def contrastive_fwd(self, x, y, scale, bias, mask, want_cols):
+    def contrastive_fwd(self, x, y, scale, bias, mask, want_cols, ratio=None):
         n, m = x.shape[0], y.shape[0]
         acc = acc_dtype(x.dtype)
         cols = torch.arange(m, device=x.device)
         row_lse = torch.empty(n, dtype=acc, device=x.device)
         row_pos_sum = torch.empty_like(row_lse)
         row_pos_cnt = torch.empty_like(row_lse)
+        row_lse2 = None if ratio is None else torch.empty_like(row_lse)
         nk = mask.n_keys
         if want_cols:
             col_lse = torch.full((nk,), NEG_INF, dtype=acc, device=x.device)
@@ -188,6 +198,8 @@ class TorchBlockKernels:
             pos, cand = mask.tile(rows, cols)
             zb = z if bias is None else z + bias[None, :]
             row_lse[a:b] = _masked_lse(zb, cand, dim=1)
+            if ratio is not None:
+                row_lse2[a:b] = _masked_lse(ratio * z, cand, dim=1)
             row_pos_sum[a:b] = torch.where(pos, z, torch.zeros_like(z)).sum(1)
             row_pos_cnt[a:b] = pos.sum(1).to(acc)
             if want_cols:
@@ -195,12 +207,14 @@ class TorchBlockKernels:
                 col_lse = _lse_merge(col_lse, _masked_lse(zk, ck, dim=0))
                 col_pos_sum += torch.where(pk, zk, torch.zeros_like(zk)).sum(0)
                 col_pos_cnt += pk.sum(0).to(acc)
+        if ratio is not None:
+            return row_lse, row_pos_sum, row_pos_cnt, None, None, None, row_lse2
         if not want_cols:
             return row_lse, row_pos_sum, row_pos_cnt, None, None, None
         return row_lse, row_pos_sum, row_pos_cnt, col_lse, col_pos_sum, col_pos_cnt
 
     def contrastive_bwd(self, x, y, scale, bias, mask, row_lse, g_row, g_rowpos, col_lse, g_col,
-                        g_colpos):
+                        g_colpos, ratio=None, row_lse2=None, g_row2=None):
         n, m = x.shape[0], y.shape[0]
         acc = acc_dtype(x.dtype)
         cols = torch.arange(m, device=x.device)
@@ -220,6 +234,9 @@ class TorchBlockKernels:
             p = torch.where(cand, torch.exp(zb - row_lse[a:b, None]), zero)
             d_row = g_row[a:b, None] * p
             dz = d_row - torch.where(pos, g_rowpos[a:b, None], zero)
+            if ratio is not None:
+                dz = dz + g_row2[a:b, None] * torch.where(
+                    cand, torch.exp(ratio * z - row_lse2[a:b, None]), zero)
             if col_lse is not None:
                 q = torch.where(cand[:, :nk], torch.exp(z[:, :nk] - col_lse[None, :]), zero)
                 dz[:, :nk] += g_col[None, :] * q - torch.where(pos[:, :nk], g_colpos[None, :],

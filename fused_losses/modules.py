@@ -45,7 +45,8 @@ class InfoNCELoss(nn.Module):
             return None
         return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
 
-    def forward(self, query, key, labels=None, key_labels=None, extra_negatives=None):
+    def forward(self, query, key, labels=None, key_labels=None, extra_negatives=None,
+                anchor_negatives=None, weight=None):
         return FL.info_nce(
             query,
             key,
@@ -56,7 +57,9 @@ class InfoNCELoss(nn.Module):
             symmetric=self.symmetric,
             decoupled=self.decoupled,
             extra_negatives=extra_negatives,
+            anchor_negatives=anchor_negatives,
             exclude_diagonal=self.exclude_diagonal,
+            weight=weight,
             normalize=self.normalize,
             reduction=self.reduction,
             backend=self.backend,
@@ -88,7 +91,7 @@ class ClipLoss(nn.Module):
         else:
             self.register_parameter("log_logit_scale", None)
 
-    def forward(self, image_features, text_features, logit_scale=None):
+    def forward(self, image_features, text_features, logit_scale=None, weight=None):
         if logit_scale is None:
             if self.log_logit_scale is None:
                 raise ValueError("logit_scale must be passed when the module owns none")
@@ -97,6 +100,7 @@ class ClipLoss(nn.Module):
             image_features,
             text_features,
             logit_scale,
+            weight=weight,
             normalize=self.normalize,
             reduction=self.reduction,
             backend=self.backend,
@@ -120,11 +124,12 @@ class NTXentLoss(nn.Module):
         self.temperature, self.normalize, self.reduction = temperature, normalize, reduction
         self.backend, self.process_group = backend, process_group
 
-    def forward(self, z1, z2):
+    def forward(self, z1, z2, weight=None):
         return FL.nt_xent(
             z1,
             z2,
             temperature=self.temperature,
+            weight=weight,
             normalize=self.normalize,
             reduction=self.reduction,
             backend=self.backend,
@@ -148,16 +153,96 @@ class SupConLoss(nn.Module):
         self.temperature, self.normalize, self.reduction = temperature, normalize, reduction
         self.backend, self.process_group = backend, process_group
 
-    def forward(self, features, labels):
+    def forward(self, features, labels, weight=None):
         return FL.sup_con(
             features,
             labels,
             temperature=self.temperature,
+            weight=weight,
             normalize=self.normalize,
             reduction=self.reduction,
             backend=self.backend,
             process_group=self.process_group,
         )
+
+
+class HardNegativeInfoNCELoss(nn.Module):
+    """``hard_negative_info_nce`` as a module (HCL, Robinson et al. 2021; ``beta=0``: the
+    debiased loss of Chuang et al. 2020).  ``forward(query, key, labels=None, key_labels=None,
+    extra_negatives=None, weight=None)``."""
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        beta: float = 1.0,
+        tau_plus: float = 0.1,
+        *,
+        symmetric: bool = False,
+        exclude_diagonal: bool = False,
+        normalize: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.kwargs = dict(temperature=temperature, beta=beta, tau_plus=tau_plus,
+                           symmetric=symmetric, exclude_diagonal=exclude_diagonal,
+                           normalize=normalize, reduction=reduction, backend=backend)
+
+    def forward(self, query, key, labels=None, key_labels=None, extra_negatives=None,
+                weight=None):
+        return FL.hard_negative_info_nce(query, key, labels=labels, key_labels=key_labels,
+                                         extra_negatives=extra_negatives, weight=weight,
+                                         **self.kwargs)
+
+
+class HardNegativeNTXentLoss(nn.Module):
+    """``hard_negative_nt_xent`` as a module: HCL / debiased in the SimCLR pairing of the
+    authors' code; ``forward(z1, z2, weight=None)``."""
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        beta: float = 1.0,
+        tau_plus: float = 0.1,
+        *,
+        normalize: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.kwargs = dict(temperature=temperature, beta=beta, tau_plus=tau_plus,
+                           normalize=normalize, reduction=reduction, backend=backend)
+
+    def forward(self, z1, z2, weight=None):
+        return FL.hard_negative_nt_xent(z1, z2, weight=weight, **self.kwargs)
+
+
+class MoCHiLoss(nn.Module):
+    """``mochi_info_nce`` as a module (hard negative mixing, Kalantidis et al. 2020);
+    ``forward(query, key, queue=None, weight=None)``.  ``generator``: the random draws (a
+    ``torch.Generator`` on the features' device; None: torch's default one)."""
+
+    def __init__(
+        self,
+        temperature: float = 0.2,
+        *,
+        n_hard: int = 64,
+        n_mix: int = 32,
+        n_query_mix: int = 16,
+        generator: torch.Generator | None = None,
+        normalize: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.generator = generator
+        self.kwargs = dict(temperature=temperature, n_hard=n_hard, n_mix=n_mix,
+                           n_query_mix=n_query_mix, normalize=normalize, reduction=reduction,
+                           backend=backend)
+
+    def forward(self, query, key, queue=None, weight=None):
+        return FL.mochi_info_nce(query, key, queue=queue, weight=weight,
+                                 generator=self.generator, **self.kwargs)
 
 
 class SigLipLoss(nn.Module):
@@ -216,12 +301,13 @@ class MultiSimilarityLoss(nn.Module):
         self.normalize, self.reduction = normalize, reduction
         self.backend, self.process_group = backend, process_group
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, weight=None):
         return FL.multi_similarity(
             embeddings,
             labels,
             ref_embeddings=ref_embeddings,
             ref_labels=ref_labels,
+            weight=weight,
             alpha=self.alpha,
             beta=self.beta,
             base=self.base,

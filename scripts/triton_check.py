@@ -203,6 +203,12 @@ def _contract_calls(kern, x, y, extra, at, groups=OP_GROUPS, first=True):
             cols = (vec(n_keys), vec(n_keys), vec(n_keys)) if want_cols else (None,) * 3
             at("contrastive_bwd")
             kern.contrastive_bwd(x, y, scale, bias, mask, vec(n), vec(n), vec(n), *cols)
+            if not (want_cols or has_bias):  # the second row LSE (hard-negative reweighting)
+                at("contrastive_fwd")
+                kern.contrastive_fwd(x, y, scale, None, mask, False, ratio=0.5)
+                at("contrastive_bwd")
+                kern.contrastive_bwd(x, y, scale, None, mask, vec(n), vec(n), vec(n), *cols,
+                                     ratio=0.5, row_lse2=vec(n), g_row2=vec(n))
     if not first:
         return
     nn = min(n, m)

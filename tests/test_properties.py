@@ -459,8 +459,86 @@ def spec_swav_loss(draw, backend, dtype):
     return fn, [emb, protos, queue], dict(grad_atol=grad_atol), f"swav_loss {kw}"
 
 
+def _hcl_params(draw):
+    """(temperature, beta, tau_plus) of the HCL family: tau down to 0.01 and beta up to 10
+    (logits (1+beta)/tau ≤ 1100: the float32 floors of check_against_reference hold there)."""
+    t = draw(st.sampled_from([0.01, 0.1, 0.5, 1.0]))
+    if draw(st.booleans()):
+        t = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    return t, draw(st.sampled_from([0.0, 0.5, 1.0, 10.0])), draw(
+        st.sampled_from([0.0, 0.1, 0.5]))
+
+
+def spec_hard_negative_info_nce(draw, backend, dtype):
+    n, m, d = _sizes(draw, backend)
+    t, beta, tau_plus = _hcl_params(draw)
+    kw = dict(symmetric=draw(st.booleans()), normalize=_normalize(draw, d), beta=beta,
+              tau_plus=tau_plus, reduction=draw(st.sampled_from(["mean", "sum", "none"])))
+    labels = None
+    if draw(st.booleans()):
+        m = n
+        labels = _labels(draw, n, draw(st.integers(1, 5)))
+        kw["exclude_diagonal"] = draw(st.booleans())
+    else:
+        m = max(m, n)
+    if kw["symmetric"]:
+        m = n
+    q, k = draw(_feats(n, d, dtype)), draw(_feats(m, d, dtype))
+    extra = draw(_feats(draw(st.integers(1, 3)), d, dtype)) if draw(st.booleans()) else None
+
+    def fn(b, q, k, t, e, lab):
+        return FL.hard_negative_info_nce(q, k, temperature=t, labels=lab, extra_negatives=e,
+                                         backend=b, **kw)
+
+    scale = (1 + beta) / float(t)
+    return fn, [q, k, t, extra, labels], dict(
+        out_atol=_infonce_out_atol([q, k, extra], scale, m + 3, kw["normalize"]),
+        tol=_temperature_tol(dtype, 1 / scale)), f"hard_negative_info_nce {kw}"
+
+
+def spec_hard_negative_nt_xent(draw, backend, dtype):
+    n, _, d = _sizes(draw, backend)
+    t, beta, tau_plus = _hcl_params(draw)
+    kw = dict(normalize=_normalize(draw, d), beta=beta, tau_plus=tau_plus,
+              reduction=draw(st.sampled_from(["mean", "sum", "none"])))
+    z1, z2 = draw(_feats(n, d, dtype)), draw(_feats(n, d, dtype))
+
+    def fn(b, z1, z2, t):
+        return FL.hard_negative_nt_xent(z1, z2, temperature=t, backend=b, **kw)
+
+    scale = (1 + beta) / float(t)
+    return fn, [z1, z2, t], dict(
+        out_atol=_infonce_out_atol([z1, z2], scale, 2 * n, kw["normalize"]),
+        tol=_temperature_tol(dtype, 1 / scale)), f"hard_negative_nt_xent {kw}"
+
+
+def spec_mochi_info_nce(draw, backend, dtype):
+    n, m, d = _sizes(draw, backend)
+    d = max(d, 2)  # the mixing normalizes rows
+    queue = draw(_feats(draw(st.integers(2, 6)), d, dtype, grad=False)) \
+        if draw(st.booleans()) else None
+    m = max(m, n, 3)
+    pool = queue.shape[0] if queue is not None else m - 1
+    kw = dict(n_hard=draw(st.integers(2, pool)), n_mix=draw(st.integers(0, 3)),
+              n_query_mix=draw(st.integers(0, 3)), normalize=_normalize(draw, d),
+              reduction=draw(st.sampled_from(["mean", "sum", "none"])))
+    t = draw(st.sampled_from([0.07, 0.2, 1.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    q, k = draw(_feats(n, d, dtype)), draw(_feats(m, d, dtype))
+
+    def fn(b, q, k, queue):
+        g = torch.Generator(device=q.device).manual_seed(seed)
+        return FL.mochi_info_nce(q, k, queue=queue, temperature=t, generator=g, backend=b,
+                                 **kw)
+
+    return fn, [q, k, queue], dict(
+        out_atol=_infonce_out_atol([q, k], 1 / t, m + 8, kw["normalize"])), \
+        f"mochi_info_nce {kw}"
+
+
 SPECS = {name[5:]: fn for name, fn in dict(globals()).items() if name.startswith("spec_")}
 OP_OF = {"clip_loss": "info_nce", "nt_xent": "info_nce", "sup_con": "info_nce",
+         "hard_negative_nt_xent": "hard_negative_info_nce", "mochi_info_nce": "info_nce",
          "siglip_loss": "siglip", "sinkhorn": "ot_softmin", "sinkhorn_potentials": "ot_softmin",
          "transport_apply": "ot_plan_matmul", "sinkhorn_knopp": "pairwise_logsumexp",
          "swav_loss": "pairwise_softmax_matmul"}
@@ -472,6 +550,10 @@ OP_OF = {"clip_loss": "info_nce", "nt_xent": "info_nce", "sup_con": "info_nce",
 # a zero gradient at K = 1, 1.5e6 relative to a near-zero one at D = 1.
 FP32_OR_64_ONLY = {"swav_loss": lambda b: [d for d in dtypes_for(b)
                                            if d in (torch.float32, torch.float64)]}
+# The issue-18 variants: fp32/fp64 (tests/test_hardness.py; MoCHi's top-k selection is
+# discontinuous, and fp16-rounded similarities can swap two near-equal hardest negatives).
+for _op in ("hard_negative_info_nce", "hard_negative_nt_xent", "mochi_info_nce"):
+    FP32_OR_64_ONLY[_op] = FP32_OR_64_ONLY["swav_loss"]
 
 
 def test_every_public_op_has_a_spec():
@@ -544,6 +626,10 @@ COUNT = _pool(("zero", 0), ("negative", -1), ("float", 2.0), ("bool", True), ("s
 WEIGHTS4 = _pool(("negative", -torch.ones(4)), ("shape", torch.ones(3)),
                  ("nan", torch.full((4,), math.nan)), ("zero total", torch.zeros(4)),
                  ("int", torch.ones(4).int()), ("list", [0.25] * 4), ("other device", META[:, 0]))
+# per-anchor loss weights (weight=): all zeros is valid there
+ANCHOR_WEIGHTS4 = _pool(("negative", -torch.ones(4)), ("shape", torch.ones(3)),
+                        ("nan", torch.full((4,), math.nan)), ("int", torch.ones(4).int()),
+                        ("list", [0.25] * 4), ("other device", META[:, 0]))
 WEIGHTS5 = _pool(("negative", -torch.ones(5)), ("shape", torch.ones(4)),
                  ("inf", torch.full((5,), math.inf)), ("zero total", torch.zeros(5)),
                  ("int", torch.ones(5).int()))
@@ -596,6 +682,28 @@ INVALID = {
     "sup_con": (FL.sup_con, dict(features=X, labels=L4), {
         "features": FEAT1, "labels": LABELS4, "temperature": POSITIVE, "normalize": FLAG,
         "reduction": REDUCTION, "backend": BACKEND}),
+    "hard_negative_info_nce": (FL.hard_negative_info_nce, dict(query=X, key=Y4), {
+        "query": FEAT, "key": FEAT, "temperature": POSITIVE,
+        "beta": _pool(("negative", -1.0), ("nan", math.nan), ("inf", math.inf),
+                      ("tensor", torch.tensor(1.0)), ("str", "1"), ("None", None)),
+        "tau_plus": _pool(("one", 1.0), ("negative", -0.1), ("nan", math.nan),
+                          ("tensor", torch.tensor(0.1)), ("None", None)),
+        "labels": _pool(*_LABELS4), "symmetric": FLAG, "normalize": FLAG,
+        "reduction": REDUCTION, "extra_negatives": OPTIONAL, "weight": ANCHOR_WEIGHTS4,
+        "backend": BACKEND}),
+    "hard_negative_nt_xent": (FL.hard_negative_nt_xent, dict(z1=X, z2=Y4), {
+        "z1": FEAT, "z2": _pool(("rows", Y), ("1-D", Y4[0]), ("other dtype", Y4.half())),
+        "temperature": POSITIVE, "beta": _pool(("negative", -1.0), ("None", None)),
+        "tau_plus": _pool(("one", 1.0), ("str", "0.1")), "normalize": FLAG,
+        "reduction": REDUCTION, "backend": BACKEND}),
+    "mochi_info_nce": (FL.mochi_info_nce, dict(query=X, key=Y4, n_hard=2), {
+        "query": FEAT, "key": _pool(("fewer rows", X[:3]), ("int", X.int())),
+        "temperature": POSITIVE, "queue": OPTIONAL,
+        "n_hard": _pool(("one", 1), ("> pool", 4), ("float", 2.0), ("bool", True)),
+        "n_mix": _pool(("negative", -1), ("float", 1.0)),
+        "n_query_mix": _pool(("negative", -1), ("str", "1")),
+        "generator": _pool(("int", 1), ("str", "g")), "weight": ANCHOR_WEIGHTS4,
+        "normalize": FLAG, "reduction": REDUCTION, "backend": BACKEND}),
     "siglip_loss": (FL.siglip_loss, dict(image_features=X, text_features=Y, logit_scale=10.0,
                                          logit_bias=-10.0), {
         "image_features": FEAT, "text_features": FEAT, "logit_scale": POSITIVE,

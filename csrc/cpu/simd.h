@@ -88,6 +88,18 @@ FL_INLINE I iota(int64_t j0) {
   else return load<I>(kLaneIds64) + static_cast<int64_t>(j0);
 }
 
+// a·b rounded as written, never contracted with a later add into a fused multiply-add: two
+// passes of an op that each form exp(a·b − c) must round a·b alike (with GCC's default
+// -ffp-contract=fast one pass may fuse it and the other not: at |a·b| ≈ 1e3 that is a relative
+// difference of 3e-5 in the exponential, measured on the second LSE of hard-negative
+// reweighting).  The empty asm pins the product in memory (any ISA, any vector width).
+template <typename Vec>
+FL_INLINE Vec rounded_product(Vec a, Vec b) {
+  Vec p = a * b;
+  __asm__("" : "+m"(p));
+  return p;
+}
+
 template <typename Vec>
 FL_INLINE Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 template <typename Vec>

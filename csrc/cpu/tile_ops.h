@@ -42,13 +42,15 @@ FL_INLINE void pair_masks(const TileMask<T>& m, LabelOf<T> rid, int64_t d, int64
 
 // Forward of one tile (rows ≤ kMaxTileRows).  In: s (rows × cols, row stride ld).  z = scale·s;
 // the row LSE over candidates of z + bias is merged into lse[i]; positive sums/counts of z added
-// to pos_sum/pos_cnt; with col, this tile's column statistics of z (no bias).  s is overwritten
-// with z where a candidate, -inf elsewhere.  Two sweeps: maxima (rows and columns), then both
-// exponential sums from one read of the tile.
+// to pos_sum/pos_cnt; with col, this tile's column statistics of z (no bias); with second (no
+// bias), the row LSE of ratio·z over the same candidates merged into second->lse[i] (its max is
+// ratio times the row max: no sweep of its own).  s is overwritten with z where a candidate,
+// -inf elsewhere.  Two sweeps: maxima (rows and columns), then every exponential sum from one
+// read of the tile.
 template <typename T>
 void lse_fwd_tile(T* s, int64_t ld, int64_t rows, T scale, const T* bias,
                             const TileMask<T>& m, Lse<T>* lse, T* pos_sum, T* pos_cnt,
-                            const ColStats<T>* col) {
+                            const ColStats<T>* col, const RowLse2<T>* second) {
   using V = VecOf<T>;
   using I = MaskOf<T>;
   constexpr int W = Simd<T>::W;
@@ -104,41 +106,56 @@ void lse_fwd_tile(T* s, int64_t ld, int64_t rows, T scale, const T* bias,
     }
     row_max[i] = any(nan) ? std::numeric_limits<T>::quiet_NaN() : hmax(vmx);
   }
+  const T ratio = second ? second->ratio : T(0);
+  const V r = splat<V>(ratio);
   for (int64_t i = 0; i < rows; ++i) {
     const T* zi = s + i * ld;
     const T mx = row_max[i];
     const bool row_on = mx == mx && mx != -inf;
     const V msafe = splat<V>(row_on ? mx : T(0));
-    V vs = zero;
+    // the second LSE's exponent rounds ratio·z exactly as the backward's exp(ratio·z − lse2)
+    const V rm = splat<V>(row_on ? ratio * mx : T(0));
+    V vs = zero, vs2 = zero;
     for (int64_t j0 = 0; j0 < cw; j0 += W) {
       const V zc = load<V>(zi + j0);
-      if (row_on) vs += vexp((bias ? zc + load<V>(bias + j0) : zc) - msafe);
+      if (row_on) {
+        vs += vexp((bias ? zc + load<V>(bias + j0) : zc) - msafe);
+        // select, never multiply: ratio 0 times a masked −inf is NaN
+        if (second) vs2 += zc == ninf ? zero : vexp(rounded_product(r, zc) - rm);
+      }
       if (col) {
         const V cm = load<V>(col->max + j0);
         store(col->sum + j0, load<V>(col->sum + j0) + vexp(zc - (cm == ninf ? zero : cm)));
       }
     }
-    if (mx != mx) lse[i].merge(mx, T(1));
-    else if (row_on) lse[i].merge(mx, hsum(vs));
+    if (mx != mx) {
+      lse[i].merge(mx, T(1));
+      if (second) second->lse[i].merge(mx, T(1));
+    } else if (row_on) {
+      lse[i].merge(mx, hsum(vs));
+      if (second) second->lse[i].merge(ratio * mx, hsum(vs2));
+    }
   }
 }
 
 // Backward of one tile (kernels.py contrastive_bwd): dZ from the similarity tile s, written as
 // scale·dZ into ds (row stride ldd: what the dX/dY GEMMs take), columns up to padded(cols).
 // Returns the tile's Σ dZ·s: that sum cancels (softmax weights minus positive weights), so it is
-// formed per row as g·Σ p·s − g_pos·Σ_pos s (and the same with the column weights) from fp32
-// partial sums combined in double.  Adds the row part of dZ to dbias.
+// formed per row as g·Σ p·s − g_pos·Σ_pos s (and the same with the column weights and the
+// second LSE's) from fp32 partial sums combined in double.  Adds the row part of dZ to dbias.
+// With second: dZ gains g2_i·exp(ratio·z − lse2_i) over the candidates.
 template <typename T>
 double lse_bwd_tile(const T* s, int64_t ld, int64_t rows, T scale, const T* bias,
                               const TileMask<T>& m, const T* row_lse, const T* g_row,
-                              const T* g_rowpos, const ColGrad<T>* col, T* dbias, T* ds,
-                              int64_t ldd) {
+                              const T* g_rowpos, const ColGrad<T>* col,
+                              const RowGrad2<T>* second, T* dbias, T* ds, int64_t ldd) {
   using V = VecOf<T>;
   using I = MaskOf<T>;
   constexpr int W = Simd<T>::W;
   const int64_t cw = padded<T>(m.cols);
   const V zero = splat<V>(T(0));
   const I kc = splat<I>(col ? col->kc : 0);
+  const V r = splat<V>(second ? second->ratio : T(0));
   double total = 0.0;
   for (int64_t i = 0; i < rows; ++i) {
     const T* si = s + i * ld;
@@ -146,7 +163,9 @@ double lse_bwd_tile(const T* s, int64_t ld, int64_t rows, T scale, const T* bias
     const int64_t d = m.diag(i);
     const LabelOf<T> rid = m.row_ids ? m.row_ids[i] : 0;
     const T gr = g_row[i], grp = g_rowpos[i], rl = row_lse[i];
-    V vps = zero, vpos = zero, vqs = zero, vqpos = zero;
+    const T g2 = second ? second->g[i] : T(0);
+    const V l2 = splat<V>(second ? second->lse[i] : T(0));
+    V vps = zero, vpos = zero, vqs = zero, vqpos = zero, vp2s = zero;
     for (int64_t j0 = 0; j0 < cw; j0 += W) {
       I cand, pos;
       pair_masks(m, rid, d, j0, cand, pos);
@@ -157,6 +176,13 @@ double lse_bwd_tile(const T* s, int64_t ld, int64_t rows, T scale, const T* bias
       V dz = gr * p - (pos ? grp + zero : zero);
       vps += p * sv;
       vpos += pos ? sv : zero;
+      if (second) {
+        // z as the forward stored it (scale·s rounded), then ratio·z rounded alike
+        const V p2 = cand ? vexp(rounded_product(r, rounded_product(sv, splat<V>(scale))) - l2)
+                          : zero;
+        dz += g2 * p2;
+        vp2s += p2 * sv;
+      }
       if (dbias) store(dbias + j0, load<V>(dbias + j0) + gr * p);
       if (col) {
         const V q = (cand & (iota<I>(j0) < kc)) ? vexp(z - load<V>(col->lse + j0)) : zero;
@@ -170,6 +196,7 @@ double lse_bwd_tile(const T* s, int64_t ld, int64_t rows, T scale, const T* bias
     }
     total += static_cast<double>(gr) * hsum(vps) - static_cast<double>(grp) * hsum(vpos);
     if (col) total += static_cast<double>(hsum(vqs)) - static_cast<double>(hsum(vqpos));
+    if (second) total += static_cast<double>(g2) * hsum(vp2s);
   }
   return total;
 }

@@ -88,6 +88,22 @@ struct ColGrad {
   int64_t kc;
 };
 
+// A second row LSE over the same candidates at ratio·z (kernels.py contrastive_fwd's ratio):
+// forward, the running LSE of each tile row; backward, its LSE per row and upstream gradient
+// (dZ gains g·exp(ratio·z − lse)).  ratio ≥ 0; bias is absent whenever these are used.
+template <typename T>
+struct RowLse2 {
+  T ratio;
+  Lse<T>* lse;
+};
+
+template <typename T>
+struct RowGrad2 {
+  T ratio;
+  const T* lse;
+  const T* g;
+};
+
 // ------------------------------------------------------------------------ multi-similarity
 
 // Pairs of a tile: positive (same label id, not self), negative (different id, not self).
@@ -117,10 +133,12 @@ template <typename T>
 struct TileKernels {
   const char* isa;
   void (*lse_fwd)(T* s, int64_t ld, int64_t rows, T scale, const T* bias, const TileMask<T>& m,
-                  Lse<T>* lse, T* pos_sum, T* pos_cnt, const ColStats<T>* col);
+                  Lse<T>* lse, T* pos_sum, T* pos_cnt, const ColStats<T>* col,
+                  const RowLse2<T>* second);
   double (*lse_bwd)(const T* s, int64_t ld, int64_t rows, T scale, const T* bias,
                     const TileMask<T>& m, const T* row_lse, const T* g_row, const T* g_rowpos,
-                    const ColGrad<T>* col, T* dbias, T* ds, int64_t ldd);
+                    const ColGrad<T>* col, const RowGrad2<T>* second, T* dbias, T* ds,
+                    int64_t ldd);
   void (*ms_mine)(const T* s, int64_t ld, int64_t rows, const MsMask<T>& m, T* min_pos,
                   T* max_neg);
   void (*ms_fwd)(const T* s, int64_t ld, int64_t rows, const MsMask<T>& m, const MsParams<T>& p,

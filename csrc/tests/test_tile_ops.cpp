@@ -51,7 +51,8 @@ static void check_build(const fl::TileKernels<float>& k) {
   std::vector<float> cmax(ld), csum(ld), cps(ld, 0), cpc(ld, 0);
   std::vector<fl::Lse<float>> lse(rows);
   const fl::ColStats<float> cs{cmax.data(), csum.data(), cps.data(), cpc.data()};
-  k.lse_fwd(z.data(), ld, rows, scale, nullptr, m, lse.data(), ps.data(), pc.data(), &cs);
+  k.lse_fwd(z.data(), ld, rows, scale, nullptr, m, lse.data(), ps.data(), pc.data(), &cs,
+            nullptr);
   std::vector<double> row_lse(rows), col_lse(n_keys);
   for (int64_t i = 0; i < rows; ++i) {
     double acc = 0, pos = 0, cnt = 0;
@@ -94,7 +95,7 @@ static void check_build(const fl::TileKernels<float>& k) {
   }
   const fl::ColGrad<float> cg{cl.data(), gc.data(), gcp.data(), n_keys};
   const double total = k.lse_bwd(s.data(), ld, rows, scale, nullptr, m, rl.data(), gr.data(),
-                                 grp.data(), &cg, nullptr, ds.data(), ld);
+                                 grp.data(), &cg, nullptr, nullptr, ds.data(), ld);
   double want_total = 0;
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) {
@@ -107,6 +108,53 @@ static void check_build(const fl::TileKernels<float>& k) {
             long(j), double(ds[i * ld + j]), scale * dz);
     }
   CHECK(close(total, want_total, 1e-5), "%s dscale %g vs %g", k.isa, total, want_total);
+
+  // A second row LSE at ratio·z over the decoupled candidates (hard-negative reweighting), in
+  // the same sweep, and its gradient term; ratio 0 counts the candidates (LSE = log count).
+  fl::TileMask<float> md = m;
+  md.decoupled = true;
+  auto is_neg = [&](int64_t i, int64_t j) { return is_cand(i, j) && !is_pos(i, j); };
+  for (const float ratio : {0.6f, 0.0f}) {
+    std::vector<float> z2 = s, ps2(rows, 0), pc2(rows, 0);
+    std::vector<fl::Lse<float>> l1(rows), l2(rows);
+    const fl::RowLse2<float> second{ratio, l2.data()};
+    k.lse_fwd(z2.data(), ld, rows, scale, nullptr, md, l1.data(), ps2.data(), pc2.data(),
+              nullptr, &second);
+    std::vector<float> lse1(rows), lse2(rows), g1(rows), g2(rows), gp(rows);
+    for (int64_t i = 0; i < rows; ++i) {
+      double a1 = 0, a2 = 0;
+      for (int64_t j = 0; j < cols; ++j)
+        if (is_neg(i, j)) {
+          a1 += std::exp(double(scale) * s[i * ld + j]);
+          a2 += std::exp(double(ratio) * double(scale) * s[i * ld + j]);
+        }
+      CHECK(close(l1[i].value(), std::log(a1), 1e-5), "%s lse1 row %ld", k.isa, long(i));
+      CHECK(close(l2[i].value(), std::log(a2), 1e-5), "%s lse2 row %ld ratio %g: %g vs %g",
+            k.isa, long(i), double(ratio), double(l2[i].value()), std::log(a2));
+      lse1[i] = l1[i].value();
+      lse2[i] = l2[i].value();
+      g1[i] = 0.4f - 0.1f * i;
+      g2[i] = -0.3f + 0.07f * i;
+      gp[i] = 0.05f * i;
+    }
+    const fl::RowGrad2<float> sg{ratio, lse2.data(), g2.data()};
+    std::vector<float> ds2(rows * ld, NAN);
+    const double tot2 = k.lse_bwd(s.data(), ld, rows, scale, nullptr, md, lse1.data(), g1.data(),
+                                  gp.data(), nullptr, &sg, nullptr, ds2.data(), ld);
+    double want2 = 0;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) {
+        const double zz = double(scale) * s[i * ld + j];
+        const bool c = is_neg(i, j);
+        const double dz = (c ? g1[i] * std::exp(zz - lse1[i]) : 0) - (is_pos(i, j) ? gp[i] : 0) +
+                          (c ? g2[i] * std::exp(double(ratio) * zz - lse2[i]) : 0);
+        want2 += dz * s[i * ld + j];
+        CHECK(std::fabs(ds2[i * ld + j] - scale * dz) <= 1e-5 * (1 + std::fabs(scale * dz)),
+              "%s second dz[%ld,%ld] %g vs %g", k.isa, long(i), long(j),
+              double(ds2[i * ld + j]), scale * dz);
+      }
+    CHECK(close(tot2, want2, 1e-5), "%s second dscale %g vs %g", k.isa, tot2, want2);
+  }
 
   // Multi-similarity: mining extremes, then the mined LSEs (self pairs excluded).
   std::vector<int32_t> ref_ids(ld + 64, -1);

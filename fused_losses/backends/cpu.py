@@ -34,19 +34,23 @@ def _c(t):
 class CpuKernels:
     """Kernel contract over torch.ops.fused_losses_C.*."""
 
-    def contrastive_fwd(self, x, y, scale, bias, mask, want_cols):
+    def contrastive_fwd(self, x, y, scale, bias, mask, want_cols, ratio=None):
         x, y = _native(x), _native(y)
-        out = _ops().contrastive_fwd(x, y, scale, _c(bias), *_mask_args(mask), want_cols)
+        out = _ops().contrastive_fwd(x, y, scale, _c(bias), *_mask_args(mask), want_cols,
+                                     ratio=ratio)
+        if ratio is not None:
+            return (*out[:3], None, None, None, out[3])
         if want_cols:
             return tuple(out)
         return (*out, None, None, None)
 
     def contrastive_bwd(self, x, y, scale, bias, mask, row_lse, g_row, g_rowpos, col_lse, g_col,
-                        g_colpos):
+                        g_colpos, ratio=None, row_lse2=None, g_row2=None):
         x, y = _native(x), _native(y)
         out = _ops().contrastive_bwd(x, y, scale, _c(bias), *_mask_args(mask), row_lse,
                                      g_row.contiguous(), g_rowpos.contiguous(), _c(col_lse),
-                                     _c(g_col), _c(g_colpos))
+                                     _c(g_col), _c(g_colpos), ratio=ratio, row_lse2=_c(row_lse2),
+                                     g_row2=_c(g_row2))
         dx, dy, dscale = out[0], out[1], out[2]
         return dx, dy, dscale, (out[3] if bias is not None else None)
 
@@ -120,17 +124,19 @@ def _vec(t, n):
 
 
 def _fake_contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
-                          exclude_diagonal, decoupled, no_positives, want_cols):
+                          exclude_diagonal, decoupled, no_positives, want_cols, ratio=None):
     n = x.shape[0]
     out = [_vec(x, n), _vec(x, n), _vec(x, n)]
-    if want_cols:
+    if ratio is not None:
+        out.append(_vec(x, n))
+    elif want_cols:
         out += [_vec(x, n_keys), _vec(x, n_keys), _vec(x, n_keys)]
     return out
 
 
 def _fake_contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
                           exclude_diagonal, decoupled, no_positives, row_lse, g_row, g_rowpos,
-                          col_lse, g_col, g_colpos):
+                          col_lse, g_col, g_colpos, ratio=None, row_lse2=None, g_row2=None):
     out = [torch.empty_like(x), torch.empty_like(y), x.new_empty(())]
     return out + ([_vec(x, y.shape[0])] if bias is not None else [])
 
@@ -199,8 +205,8 @@ CPU = register_fused_backend(
     dtypes={torch.float32, torch.float64, torch.float16, torch.bfloat16},
     kernels=CpuKernels(),
     availability=_availability,
-    ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity",
-         "pairwise_softmax_matmul", "similarity_topk", "ot_softmin", "ot_grad",
-         "ot_plan_matmul"],
+    ops=["info_nce", "hard_negative_info_nce", "pairwise_logsumexp", "siglip",
+         "multi_similarity", "pairwise_softmax_matmul", "similarity_topk", "ot_softmin",
+         "ot_grad", "ot_plan_matmul"],
 )
 CPU.op_priority = _op_priority

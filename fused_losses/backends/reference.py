@@ -10,8 +10,13 @@ layer in ``functional`` has already validated and normalized the arguments):
 - ``pairwise_softmax_matmul(x, y, v, scale, bias) -> (N, E)``.
 - ``similarity_topk(x, y, k, exclude_diagonal) -> (values (N, k), indices (N, k))``.
 - ``info_nce(query, key, scale, labels, key_labels, symmetric, decoupled, extra_negatives,
-  exclude_diagonal, offset) -> (row_loss (N,), row_valid (N,), col_loss (M,) | None,
-  col_valid (M,) | None)``.
+  exclude_diagonal, offset, anchor_logits=None) -> (row_loss (N,), row_valid (N,),
+  col_loss (M,) | None, col_valid (M,) | None)``; ``anchor_logits`` (N, E): each anchor's own
+  extra negative logits (already scaled), joining its row LSE.
+- ``hard_negative_info_nce(query, key, scale, beta, tau_plus, labels, key_labels, symmetric,
+  extra_negatives, exclude_diagonal, offset)`` -> as ``info_nce`` (Robinson et al. 2021;
+  ``_algebra.hard_negative_anchor_loss``), the negatives of an anchor being its candidates
+  that are not positives.
 - ``siglip(x, y, logit_scale, logit_bias, offset) -> row_loss (N,)``.
 - ``multi_similarity(emb, labels, ref_emb, ref_labels, alpha, beta, base, epsilon,
   exclude_self, offset) -> loss (N,)``.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from .._algebra import hard_negative_anchor_loss
 from .._dispatch import Backend, register_backend
 from ..kernels import acc_dtype
 
@@ -108,7 +114,26 @@ def info_nce(
     extra_negatives,
     exclude_diagonal,
     offset,
+    anchor_logits=None,
 ):
+    z, pos, cand, row_terms, row_keep = _pairs(query, key, scale, labels, key_labels, decoupled,
+                                               extra_negatives, exclude_diagonal, offset)
+    if anchor_logits is not None:
+        row_terms = torch.cat([row_terms, anchor_logits.to(z.dtype)], dim=1)
+        row_keep = torch.cat([row_keep, torch.ones_like(anchor_logits, dtype=torch.bool)], dim=1)
+    row_lse = masked_logsumexp(row_terms, row_keep, dim=1)
+    row_loss, row_valid = _anchor_losses(row_lse, z, pos, dim=1)
+    if not symmetric:
+        return row_loss, row_valid, None, None
+    col_lse = masked_logsumexp(z, cand, dim=0)
+    col_loss, col_valid = _anchor_losses(col_lse, z, pos, dim=0)
+    return row_loss, row_valid, col_loss, col_valid
+
+
+def _pairs(query, key, scale, labels, key_labels, decoupled, extra_negatives, exclude_diagonal,
+           offset):
+    """z (N, M), the masks pos and cand, and the row problem (z with the extra negatives'
+    logits appended, and which of them are candidates)."""
     z = scale * similarities(query, key)  # (N, M)
     n, m = z.shape
     diag = diagonal_mask(n, m, offset, z.device)
@@ -122,18 +147,32 @@ def info_nce(
         cand = cand & ~diag
     if decoupled:
         cand = cand & ~pos
-
     row_terms, row_keep = z, cand
     if extra_negatives is not None:
         z_extra = scale * similarities(query, extra_negatives)
         row_terms = torch.cat([z, z_extra], dim=1)
         row_keep = torch.cat([cand, torch.ones_like(z_extra, dtype=torch.bool)], dim=1)
-    row_lse = masked_logsumexp(row_terms, row_keep, dim=1)
-    row_loss, row_valid = _anchor_losses(row_lse, z, pos, dim=1)
+    return z, pos, cand, row_terms, row_keep
+
+
+@REFERENCE.implements("hard_negative_info_nce")
+def hard_negative_info_nce(query, key, scale, beta, tau_plus, labels, key_labels, symmetric,
+                           extra_negatives, exclude_diagonal, offset):
+    z, pos, cand, row_terms, row_keep = _pairs(query, key, scale, labels, key_labels, True,
+                                               extra_negatives, exclude_diagonal, offset)
+
+    def direction(terms, keep, pos, dim):
+        lse1 = masked_logsumexp((1.0 + beta) * terms, keep, dim=dim)
+        lse2 = masked_logsumexp(beta * terms, keep, dim=dim) if beta > 0 else None
+        count = pos.sum(dim).to(z.dtype)
+        pos_mean = torch.where(pos, z, torch.zeros_like(z)).sum(dim) / count.clamp_min(1)
+        return hard_negative_anchor_loss(lse1, lse2, pos_mean, count, keep.sum(dim).to(z.dtype),
+                                         scale, tau_plus)
+
+    row_loss, row_valid = direction(row_terms, row_keep, pos, 1)
     if not symmetric:
         return row_loss, row_valid, None, None
-    col_lse = masked_logsumexp(z, cand, dim=0)
-    col_loss, col_valid = _anchor_losses(col_lse, z, pos, dim=0)
+    col_loss, col_valid = direction(z, cand, pos, 0)
     return row_loss, row_valid, col_loss, col_valid
 
 

@@ -57,17 +57,20 @@ def _mask_args(mask):
 class TritonKernels:
     """The kernel contract (kernels.py) over the ``fused_losses_triton::*`` custom ops."""
 
-    def contrastive_fwd(self, x, y, scale, bias, mask, want_cols):
-        out = OPS["contrastive_fwd"](x, y, scale, bias, *_mask_args(mask), want_cols)
+    def contrastive_fwd(self, x, y, scale, bias, mask, want_cols, ratio=None):
+        out = OPS["contrastive_fwd"](x, y, scale, bias, *_mask_args(mask), want_cols,
+                                     ratio=ratio)
+        if ratio is not None:
+            return (*out[:3], None, None, None, out[6])
         if not want_cols:
             return (*out[:3], None, None, None)
-        return tuple(out)
+        return tuple(out[:6])
 
     def contrastive_bwd(self, x, y, scale, bias, mask, row_lse, g_row, g_rowpos, col_lse, g_col,
-                        g_colpos):
+                        g_colpos, ratio=None, row_lse2=None, g_row2=None):
         dx, dy, dscale, dbias = OPS["contrastive_bwd"](
             x, y, scale, bias, *_mask_args(mask), row_lse, g_row, g_rowpos, col_lse, g_col,
-            g_colpos)
+            g_colpos, ratio=ratio, row_lse2=row_lse2, g_row2=g_row2)
         return dx, dy, dscale, (dbias if bias is not None else None)
 
     def siglip_fwd(self, x, y, scale, bias, offset):
@@ -113,7 +116,7 @@ TRITON = register_fused_backend(
     dtypes={torch.float32, torch.float16, torch.bfloat16},
     kernels=TritonKernels(),
     availability=_availability,
-    ops=["info_nce", "pairwise_logsumexp", "siglip", "multi_similarity",
-         "pairwise_softmax_matmul", "similarity_topk", "ot_softmin", "ot_grad",
-         "ot_plan_matmul"],
+    ops=["info_nce", "hard_negative_info_nce", "pairwise_logsumexp", "siglip",
+         "multi_similarity", "pairwise_softmax_matmul", "similarity_topk", "ot_softmin",
+         "ot_grad", "ot_plan_matmul"],
 )

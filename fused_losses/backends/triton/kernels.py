@@ -149,6 +149,14 @@ def _online_lse_result(m_i, l_i):
 
 
 @triton.jit
+def _second_logits(z, cand, ratio):
+    """ratio·z over the candidates, −inf elsewhere (select, never multiply: ratio 0 times a
+    masked −inf is NaN): the second LSE's logits, formed alike in its forward and backward so
+    that a fused multiply-add cannot round them differently in one pass."""
+    return tl.where(cand, ratio * z, float("-inf"))
+
+
+@triton.jit
 def _contrastive_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, d, stride_a, stride_b, scale,
                       lab_ptr, klab_ptr, n_keys, offset, has_labels, no_pos, excl, decoupled,
                       TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -187,15 +195,17 @@ def _store_rows(out_ptr, val, rows, rmask, d, d0, stride_o, BLOCK_DO: tl.constex
 
 @_kernel
 def _lse_rows(a_ptr, b_ptr, scale_ptr, bias_ptr, lab_ptr, klab_ptr, lse_ptr, psum_ptr,
-              pcnt_ptr, sel_ptr, n_sel, n_a, n_b, d, stride_a, stride_b, n_keys, offset,
-              has_bias, has_labels, no_pos, excl, decoupled, sel_idx, sel_flag,
-              TRANSPOSED: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+              pcnt_ptr, sel_ptr, lse2_ptr, n_sel, n_a, n_b, d, stride_a, stride_b, n_keys,
+              offset, ratio, has_bias, has_labels, no_pos, excl, decoupled, sel_idx, sel_flag,
+              HAS2: tl.constexpr, TRANSPOSED: tl.constexpr, ALLOW_TF32: tl.constexpr,
+              BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online LSE (+ positive sums and counts) of a block of rows.  Which rows (the exact
     redo of the columns the one-sweep forward could not resolve): ``sel_idx``, the rows listed
     in the int32 vector ``sel_ptr`` (n_sel of them); ``sel_flag``, the rows whose entry of
     ``sel_ptr`` (one per row) is nonzero (no host sync: CUDA-graph capture); else all.  A
-    program with no row to do skips the column loop."""
+    program with no row to do skips the column loop.  ``HAS2`` (no bias): a second online LSE
+    of ``ratio``·z over the same candidates into ``lse2_ptr`` (hard-negative reweighting)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     if sel_idx:
@@ -209,6 +219,8 @@ def _lse_rows(a_ptr, b_ptr, scale_ptr, bias_ptr, lab_ptr, klab_ptr, lse_ptr, psu
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     ps = tl.zeros((BLOCK_M,), tl.float32)
     pc = tl.zeros((BLOCK_M,), tl.float32)
+    m2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l2 = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, n_loop, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         s, z, pos, cand = _contrastive_tile(
@@ -218,24 +230,28 @@ def _lse_rows(a_ptr, b_ptr, scale_ptr, bias_ptr, lab_ptr, klab_ptr, lse_ptr, psu
         zb = z + tl.load(bias_ptr + cols, mask=(cols < n_b) & has_bias, other=0.0)[None, :]
         zc = tl.where(cand, zb, float("-inf"))
         m_i, l_i, _, _ = _online_lse_step(m_i, l_i, zc, cand)
+        if HAS2:
+            m2, l2, _, _ = _online_lse_step(m2, l2, _second_logits(z, cand, ratio), cand)
         ps += tl.sum(tl.where(pos, z, 0.0), 1)
         pc += tl.sum(pos.to(tl.float32), 1)
     lse = _online_lse_result(m_i, l_i)
     tl.store(lse_ptr + rows, lse, mask=live)
+    if HAS2:
+        tl.store(lse2_ptr + rows, _online_lse_result(m2, l2), mask=live)
     tl.store(psum_ptr + rows, ps, mask=live)
     tl.store(pcnt_ptr + rows, pc, mask=live)
 
 
 @_kernel
 def _grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, biasc_ptr, biasr_ptr, lse_a, g_a, gp_a,
-               lse_b, g_b, gp_b, lab_ptr, klab_ptr, dscale_ptr, bterm_ptr, n_a, n_b, d,
-               stride_a, stride_b, stride_o, n_keys, offset, has_bias_c, has_bias_r, has_b,
-               has_labels, no_pos, excl, decoupled, TRANSPOSED: tl.constexpr,
-               ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+               lse_b, g_b, gp_b, lab_ptr, klab_ptr, dscale_ptr, bterm_ptr, lse2_ptr, g2_ptr,
+               n_a, n_b, d, stride_a, stride_b, stride_o, n_keys, offset, ratio, has_bias_c,
+               has_bias_r, has_b, has_labels, no_pos, excl, decoupled, HAS2: tl.constexpr,
+               TRANSPOSED: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     """out[rows] = scale · Σ_c dZ_rc B_c for a block of rows, with
     dZ_rc = g_a_r e^{z + biasC_c − lse_a_r} cand + g_b_c e^{z + biasR_r − lse_b_c} cand
-            − pos (gp_a_r + gp_b_c).
+            − pos (gp_a_r + gp_b_c) [+ g2_i e^{ratio·z − lse2_i} cand, i the query].
     Also one fp32 partial of Σ dZ·s per program, and per row Σ_c of the b-side softmax term
     (the bias gradient when the rows are the columns of the original problem)."""
     pid = tl.program_id(0)
@@ -272,6 +288,12 @@ def _grad_rows(a_ptr, b_ptr, out_ptr, scale_ptr, biasc_ptr, biasr_ptr, lse_a, g_
                           gb[None, :] * tl.exp(z + br[:, None] - lb[None, :]), 0.0)
             bterm += tl.sum(tb, 1)
             dz += tb - tl.where(pos, gpb[None, :], 0.0)
+        if HAS2:  # the second LSE of the query rows (rows here, or columns when TRANSPOSED)
+            n_q = n_b if TRANSPOSED else n_a
+            l2 = _anchor_vec(lse2_ptr, rows, cols, n_q, TRANSPOSED)
+            g2 = _anchor_vec(g2_ptr, rows, cols, n_q, TRANSPOSED)
+            dz += tl.where(cand & (g2 != 0), g2 * tl.exp(_second_logits(z, cand, ratio) - l2),
+                           0.0)
         dscale += tl.sum(dz * s, 1)
         acc = _acc_rows_times(acc, dz, b_ptr, cols, cmask, d, d0, stride_b, BLOCK_DO,
                               ALLOW_TF32)
@@ -331,16 +353,18 @@ def _lse_rowcol(x_ptr, y_ptr, scale_ptr, cref_ptr, lab_ptr, klab_ptr, lse_ptr, p
 
 @_kernel
 def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r, lse_c,
-             g_c, gp_c, lab_ptr, klab_ptr, dscale_ptr, dbias_ptr, n, m, d, stride_x,
-             stride_y, stride_dx, stride_dy, n_keys, offset, has_bias, has_col, has_labels,
-             no_pos, excl, decoupled, ALLOW_TF32: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-             BLOCK_DY: tl.constexpr):
+             g_c, gp_c, lab_ptr, klab_ptr, dscale_ptr, dbias_ptr, lse2_ptr, g2_ptr, n, m, d,
+             stride_x, stride_y, stride_dx, stride_dy, n_keys, offset, ratio, has_bias,
+             has_col, has_labels, no_pos, excl, decoupled, HAS2: tl.constexpr,
+             ALLOW_TF32: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DO: tl.constexpr, BLOCK_DY: tl.constexpr):
     """dx and dy in one sweep (rows = queries; output feature chunk d0 on axis 1).
 
-    Per tile: s (the forward's tile, bit-identical), dZ as in ``_grad_rows``, dx[rows] +=
-    dZ·Y in registers, dy[cols] += dZᵀ·X by fp32 atomic adds (order-dependent in the last
-    bits), Σ dZ∘s per program, and the bias gradient Σ_i (row softmax term) per column."""
+    Per tile: s (the forward's tile, bit-identical), dZ as in ``_grad_rows`` (with the
+    second row LSE's term when ``HAS2``), dx[rows] += dZ·Y in registers, dy[cols] += dZᵀ·X by
+    fp32 atomic adds (order-dependent in the last bits), Σ dZ∘s per program, and the bias
+    gradient Σ_i (row softmax term) per column."""
     pid = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_DO
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -349,6 +373,9 @@ def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r
     la = tl.load(lse_r + rows, mask=rmask, other=0.0)
     ga = tl.load(g_r + rows, mask=rmask, other=0.0)
     gpa = tl.load(gp_r + rows, mask=rmask, other=0.0)
+    if HAS2:
+        l2 = tl.load(lse2_ptr + rows, mask=rmask, other=0.0)
+        g2 = tl.load(g2_ptr + rows, mask=rmask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, m, BLOCK_N):
@@ -369,6 +396,10 @@ def _grad_xy(x_ptr, y_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, lse_r, g_r, gp_r
             dz += (tl.where(cand & (gb[None, :] != 0),
                             gb[None, :] * tl.exp(z - lb[None, :]), 0.0)
                    - tl.where(pos, gpb[None, :], 0.0))
+        if HAS2:
+            dz += tl.where(cand & (g2[:, None] != 0),
+                           g2[:, None] * tl.exp(_second_logits(z, cand, ratio) - l2[:, None]),
+                           0.0)
         dscale += tl.sum(dz * s, 1)
         if has_bias:
             if d0 == 0:

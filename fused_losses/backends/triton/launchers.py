@@ -169,25 +169,28 @@ def _kw(t: tl_tiles.Tiles, x: torch.Tensor):
 
 
 def _rows_pass(a, b, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
-               transposed, tiles, out=None, idx=None, flags=None):
+               transposed, tiles, out=None, idx=None, flags=None, ratio=None):
     """Row statistics of a against b (TRANSPOSED: the columns of the original problem).
     Only some rows, written into ``out`` at their own indices: ``idx`` (int32, the rows) or
-    ``flags`` (int32 per row, nonzero = do it; no host sync)."""
+    ``flags`` (int32 per row, nonzero = do it; no host sync).  ``ratio``: also the second row
+    LSE at ratio·z, returned fourth."""
     n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
     if out is None:
         out = (_f32(n_a, a.device), _f32(n_a, a.device), _f32(n_a, a.device))
     lse, psum, pcnt = out
+    lse2 = _f32(n_a if ratio is not None else 0, a.device)
     lab, klab = _labels(labels, key_labels, a.device)
     sel = idx if idx is not None else flags
     n_sel = n_a if idx is None else idx.shape[0]
     if sel is None:
         sel = torch.zeros(1, dtype=torch.int32, device=a.device)
     _K["lse_rows"][(triton.cdiv(n_sel, tiles.bm),)](
-        a, b, scale, bias if bias is not None else lse, lab, klab, lse, psum, pcnt, sel, n_sel,
-        n_a, n_b, d, a.stride(0), b.stride(0), n_keys, offset, bias is not None,
+        a, b, scale, bias if bias is not None else lse, lab, klab, lse, psum, pcnt, sel,
+        lse2 if ratio is not None else lse, n_sel, n_a, n_b, d, a.stride(0), b.stride(0),
+        n_keys, offset, 0.0 if ratio is None else float(ratio), bias is not None,
         labels is not None, no_pos, excl, decoupled, idx is not None, flags is not None,
-        TRANSPOSED=transposed, **_kw(tiles, a))
-    return lse, psum, pcnt
+        HAS2=ratio is not None, TRANSPOSED=transposed, **_kw(tiles, a))
+    return (lse, psum, pcnt) if ratio is None else (lse, psum, pcnt, lse2)
 
 
 def _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
@@ -230,25 +233,33 @@ def _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decouple
 
 
 def _contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled,
-                     no_pos, want_cols):
+                     no_pos, want_cols, ratio=None):
+    """Row (and column) statistics; the seventh output is the second row LSE at ratio·z
+    ((0,) without ``ratio``)."""
     x, y = _rows(x), _rows(y)
     (scale,) = _vecs(scale.reshape(1))
     tiles = _tiles(x)
+    none = _f32(0, x.device)
     if want_cols and not deterministic():
-        return _rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decoupled,
-                            no_pos, tiles)
+        return (*_rowcol_pass(x, y, scale, labels, key_labels, n_keys, offset, excl, decoupled,
+                              no_pos, tiles), none)
     (b,) = _vecs(bias)
     row = _rows_pass(x, y, scale, b, labels, key_labels, n_keys, offset, excl, decoupled, no_pos,
-                     False, tiles)
+                     False, tiles, ratio=ratio)
+    if ratio is not None:
+        return (*row[:3], *(_f32(0, x.device) for _ in range(3)), row[3])
     if not want_cols:
-        return (*row, *(_f32(0, x.device) for _ in range(3)))
+        return (*row, *(_f32(0, x.device) for _ in range(3)), none)
     col = _rows_pass(y[:n_keys], x, scale, None, labels, key_labels, n_keys, offset, excl,
                      decoupled, no_pos, True, tiles)
-    return (*row, *col)
+    return (*row, *col, none)
 
 
 def _grad_pass(a, b, scale, biasc, biasr, lse_a, g_a, gp_a, lse_b, g_b, gp_b, labels,
-               key_labels, n_keys, offset, excl, decoupled, no_pos, transposed, tiles):
+               key_labels, n_keys, offset, excl, decoupled, no_pos, transposed, tiles,
+               second=None):
+    """``second``: (ratio, row_lse2, g_row2) of the query rows (the rows, or the columns
+    when ``transposed``), or None."""
     n_a, n_b, d = a.shape[0], b.shape[0], a.shape[1]
     out = _out(n_a, d, a.device)
     grid = triton.cdiv(n_a, tiles.bm)
@@ -256,19 +267,29 @@ def _grad_pass(a, b, scale, biasc, biasr, lse_a, g_a, gp_a, lse_b, g_b, gp_b, la
     bterm = _f32(n_a, a.device)
     lab, klab = _labels(labels, key_labels, a.device)
     has_b = lse_b is not None
+    ratio, lse2, g2 = second if second is not None else (0.0, lse_a, g_a)
     _K["grad_rows"][(grid, triton.cdiv(d, tiles.bdo))](
         a, b, out, scale, biasc if biasc is not None else dscale,
         biasr if biasr is not None else dscale, lse_a, g_a, gp_a,
         lse_b if has_b else lse_a, g_b if has_b else g_a, gp_b if has_b else gp_a,
-        lab, klab, dscale, bterm, n_a, n_b, d, a.stride(0), b.stride(0), out.stride(0),
-        n_keys, offset, biasc is not None, biasr is not None, has_b,
-        **_mask_kw(labels, excl, decoupled, no_pos), TRANSPOSED=transposed,
-        BLOCK_DO=tiles.bdo, **_kw(tiles, a))
+        lab, klab, dscale, bterm, lse2, g2, n_a, n_b, d, a.stride(0), b.stride(0),
+        out.stride(0), n_keys, offset, float(ratio), biasc is not None, biasr is not None,
+        has_b, **_mask_kw(labels, excl, decoupled, no_pos), HAS2=second is not None,
+        TRANSPOSED=transposed, BLOCK_DO=tiles.bdo, **_kw(tiles, a))
     return out, dscale, bterm
 
 
+def _grad_xy_spills(x, second) -> bool:
+    """The one-sweep backward with the second row LSE in exact fp32 on sm_90 needs more than
+    255 registers (make triton-check: 24 spill stores); the two-pass backward (_grad_rows)
+    compiles there without spills, so that launch takes it (one more similarity recompute)."""
+    return (second is not None and tl_tiles.arch_for(x.device) == "sm_90"
+            and tl_tiles.kind(x.dtype, _tf32(x)) == "fp32")
+
+
 def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl, decoupled,
-                     no_pos, row_lse, g_row, g_rowpos, col_lse, g_col, g_colpos):
+                     no_pos, row_lse, g_row, g_rowpos, col_lse, g_col, g_colpos, ratio=None,
+                     row_lse2=None, g_row2=None):
     d0 = x.shape[1]
     x, y = _rows(x), _rows(y)
     (scale,) = _vecs(scale.reshape(1))
@@ -276,6 +297,9 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
     tiles = _tiles(x)
     f32 = dict(dtype=torch.float32, device=x.device)
     b, row_lse, g_row, g_rowpos = _vecs(bias, row_lse, g_row, g_rowpos)
+    second = None
+    if ratio is not None:
+        second = (float(ratio), *_vecs(row_lse2, g_row2))
     if col_lse is not None:
         # Column statistics over all M columns (extra negatives take no column term).
         pad = torch.zeros(m - n_keys, **f32)
@@ -283,7 +307,7 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
                                     for t in (col_lse, g_col, g_colpos))
     mk = dict(labels=labels, key_labels=key_labels, n_keys=n_keys, offset=offset, excl=excl,
               decoupled=decoupled, no_pos=no_pos)
-    if not deterministic():
+    if not deterministic() and not _grad_xy_spills(x, second):
         grid = (triton.cdiv(n, tiles.bm), triton.cdiv(d, tiles.bdo_xy))
         dx = _out(n, d, x.device)
         dy = torch.zeros(m, d, **f32)
@@ -291,18 +315,20 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
         dbias = torch.zeros(m if b is not None else 0, **f32)
         has_col = col_lse is not None
         lab, klab = _labels(labels, key_labels, x.device)
+        ratio2, lse2, g2 = second if second is not None else (0.0, row_lse, g_row)
         _K["grad_xy"][grid](
             x, y, dx, dy, scale, b if b is not None else parts, row_lse, g_row, g_rowpos,
             col_lse if has_col else row_lse, g_col if has_col else g_row,
             g_colpos if has_col else g_rowpos, lab, klab, parts,
-            dbias if b is not None else parts, n, m, d, x.stride(0), y.stride(0), dx.stride(0),
-            dy.stride(0), n_keys, offset, b is not None, has_col,
-            **_mask_kw(labels, excl, decoupled, no_pos), BLOCK_DO=tiles.bdo_xy,
-            BLOCK_DY=tiles.bdy, **_kw(tiles, x))
+            dbias if b is not None else parts, lse2, g2, n, m, d, x.stride(0), y.stride(0),
+            dx.stride(0), dy.stride(0), n_keys, offset, ratio2, b is not None, has_col,
+            **_mask_kw(labels, excl, decoupled, no_pos), HAS2=second is not None,
+            BLOCK_DO=tiles.bdo_xy, BLOCK_DY=tiles.bdy, **_kw(tiles, x))
         return _cut(dx, d0), _cut(dy, d0), parts.double().sum().float(), dbias
     # dx: rows = queries; a-side = row statistics, b-side = column statistics.
     dx, dscale_parts, _ = _grad_pass(x, y, scale, b, None, row_lse, g_row, g_rowpos, col_lse,
-                                     g_col, g_colpos, transposed=False, tiles=tiles, **mk)
+                                     g_col, g_colpos, transposed=False, tiles=tiles,
+                                     second=second, **mk)
     # dy: rows = keys (and extra negatives); a-side = column statistics (zero where there
     # are none), b-side = row statistics; the row-side bias now indexes the rows.
     zeros_m = torch.zeros(m, **f32)
@@ -310,7 +336,7 @@ def _contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset, excl
     a_g = g_col if g_col is not None else zeros_m
     a_gp = g_colpos if g_colpos is not None else zeros_m
     dy, _, bterm = _grad_pass(y, x, scale, None, b, a_lse, a_g, a_gp, row_lse, g_row, g_rowpos,
-                              transposed=True, tiles=tiles, **mk)
+                              transposed=True, tiles=tiles, second=second, **mk)
     dscale = dscale_parts.double().sum().float()
     return (_cut(dx, d0), _cut(dy, d0), dscale,
             (bterm if b is not None else _f32(0, x.device)))

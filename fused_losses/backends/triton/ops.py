@@ -33,25 +33,27 @@ def _def(name, impl, fake):
 
 def _contrastive_fwd_op(x: T, y: T, scale: T, bias: OptT, labels: OptT, key_labels: OptT,
                         n_keys: int, offset: int, exclude_diagonal: bool, decoupled: bool,
-                        no_positives: bool, want_cols: bool
-                        ) -> tuple[T, T, T, T, T, T]:
+                        no_positives: bool, want_cols: bool, ratio: float | None = None
+                        ) -> tuple[T, T, T, T, T, T, T]:
     return L._contrastive_fwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
-                            exclude_diagonal, decoupled, no_positives, want_cols)
+                            exclude_diagonal, decoupled, no_positives, want_cols, ratio)
 
 
 def _contrastive_fwd_fake(x, y, scale, bias, labels, key_labels, n_keys, offset,
-                          exclude_diagonal, decoupled, no_positives, want_cols):
+                          exclude_diagonal, decoupled, no_positives, want_cols, ratio=None):
     n, c = x.shape[0], (n_keys if want_cols else 0)
-    return tuple(_vec(x, n) for _ in range(3)) + tuple(_vec(x, c) for _ in range(3))
+    return (tuple(_vec(x, n) for _ in range(3)) + tuple(_vec(x, c) for _ in range(3))
+            + (_vec(x, n if ratio is not None else 0),))
 
 
 def _contrastive_bwd_op(x: T, y: T, scale: T, bias: OptT, labels: OptT, key_labels: OptT,
                         n_keys: int, offset: int, exclude_diagonal: bool, decoupled: bool,
                         no_positives: bool, row_lse: T, g_row: T, g_rowpos: T, col_lse: OptT,
-                        g_col: OptT, g_colpos: OptT) -> tuple[T, T, T, T]:
+                        g_col: OptT, g_colpos: OptT, ratio: float | None = None,
+                        row_lse2: OptT = None, g_row2: OptT = None) -> tuple[T, T, T, T]:
     return L._contrastive_bwd(x, y, scale, bias, labels, key_labels, n_keys, offset,
                             exclude_diagonal, decoupled, no_positives, row_lse, g_row, g_rowpos,
-                            col_lse, g_col, g_colpos)
+                            col_lse, g_col, g_colpos, ratio, row_lse2, g_row2)
 
 
 def _contrastive_bwd_fake(x, y, scale, bias, *args):
