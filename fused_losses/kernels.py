@@ -254,7 +254,8 @@ class TorchBlockKernels:
         for a, b, rows in self._blocks(x.shape[0], x.device):
             sign = 2.0 * (cols[None, :] == rows[:, None] + offset) - 1.0
             logits = scale * self._sims(x[a:b], y) + bias
-            out[a:b] = -torch.nn.functional.logsigmoid(sign * logits).sum(1)  # softplus is x above 20
+            # logsigmoid, not F.softplus: softplus returns x itself above 20 (2e-9 off)
+            out[a:b] = -torch.nn.functional.logsigmoid(sign * logits).sum(1)
         return out
 
     def siglip_bwd(self, x, y, scale, bias, offset, g_row):
