@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import zlib
 
+import pytest
 import torch
 
 import fused_losses
@@ -42,6 +44,18 @@ def backends_under_test() -> list[str]:
 
 def supports(backend: str, op: str) -> bool:
     return op in _dispatch.get_backend(backend).ops
+
+
+def refuses_unsupported(backend: str, op: str, call) -> bool:
+    """Where ``backend`` does not implement ``op`` (only the cuda backend lacks some ops), checks
+    that ``call()`` (a valid call of the op on that backend) raises the dispatcher's error naming
+    both and returns True; returns False where the backend implements it."""
+    if supports(backend, op):
+        return False
+    refusal = rf"backend={re.escape(repr(backend))} cannot run .*does not implement"
+    with pytest.raises(RuntimeError, match=refusal):
+        call()
+    return True
 
 
 def tol_for(dtype: torch.dtype) -> float:
